@@ -1,0 +1,121 @@
+"""The ProSeCo objective (Schiff et al. 2026, Algorithm 1), written once for vocab-parallel logits.
+
+Notation: x clean tokens, m the mask token, z_t the masked sequence, w(t) = -alpha'_t/(1-alpha_t),
+x_theta(.) the network's distribution over the vocabulary with the mask token's logit set to
+-inf (the model never predicts "mask"; vocabulary padding is suppressed the same way).
+
+    L_MDM = sum over masked positions l of   w(t) * CE(x_theta(z_t)_l, x_l)
+
+    y     = stopgrad(argmax x_theta(z_t))      at all positions (corrector_input="all",
+                                               the reference recipe) or only at masked
+                                               positions, x elsewhere ("masked")
+    L_SC  = sum over all positions l of      w(t) * CE(x_theta(y)_l, x_l)
+            ("errors up-weighted": at positions where y_l == x_l use -w(t) p_theta(x_l | y)
+             instead of -w(t) log p_theta(x_l | y), so the gradient concentrates on mistakes)
+
+    loss  = (lambda_mdm * L_MDM + lambda_sc * L_SC) / (number of tokens in the batch)
+
+The corrector's second forward sees y alone: no carry-over of clean inputs, so it may change any
+token. Because y is a stop-gradient, d(loss)/d(theta) is the sum of the two terms' gradients,
+which lets a pipeline run the two forwards as two separate passes (see training/step.py).
+
+Under tensor parallelism the logits are sharded over the vocabulary: the cross-entropy is
+megatron-core's vocab-parallel one, and the argmax combines each shard's (max, index) across the
+tensor-parallel group. With a group of size one every function here is plain PyTorch math.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+
+def invalid_vocab_mask(local_vocab: int, vocab_size: int, mask_id: int, device=None) -> torch.Tensor:
+    """Bool [local_vocab]: True for the ids of this TP shard that must never be predicted
+    (the mask token and the padding beyond the tokenizer's vocabulary)."""
+    start = parallel_state.get_tensor_model_parallel_rank() * local_vocab
+    ids = torch.arange(start, start + local_vocab, device=device)
+    return (ids == mask_id) | (ids >= vocab_size)
+
+
+def suppress_invalid(logits: torch.Tensor, invalid: torch.Tensor) -> torch.Tensor:
+    """Set the logits of never-predicted ids to -inf (out of place, autograd-safe)."""
+    return logits.masked_fill(invalid, float("-inf"))
+
+
+@torch.no_grad()
+def vocab_parallel_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Global argmax over a vocab-sharded last dimension. Ties go to the lowest id, as torch.argmax."""
+    local_max, local_idx = logits.float().max(dim=-1)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return local_idx
+    global_idx = local_idx + parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
+    group = parallel_state.get_tensor_model_parallel_group()
+    maxes = [torch.empty_like(local_max) for _ in range(tp)]
+    idxs = [torch.empty_like(global_idx) for _ in range(tp)]
+    torch.distributed.all_gather(maxes, local_max.contiguous(), group=group)
+    torch.distributed.all_gather(idxs, global_idx.contiguous(), group=group)
+    best_rank = torch.stack(maxes).argmax(dim=0, keepdim=True)  # first (lowest) rank wins ties
+    return torch.stack(idxs).gather(0, best_rank).squeeze(0)
+
+
+@dataclass
+class LossOptions:
+    lambda_mdm: float = 1.0
+    lambda_sc: float = 1.0
+    corrector_input: str = "all"  # all | masked
+    errors_upweighted: bool = False
+    weighted_corrector_loss: bool = True
+
+
+@dataclass
+class MDMTerms:
+    per_token: torch.Tensor  # w(t) * CE at masked positions, 0 elsewhere, [b, L] (differentiable)
+    corrector_input: torch.Tensor  # y, [b, L] int64 (no grad)
+    accuracy_on_masked: torch.Tensor  # scalar: argmax == x at masked positions
+
+
+@dataclass
+class SCTerms:
+    per_token: torch.Tensor  # corrector loss per position, [b, L] (differentiable)
+    nll_per_token: torch.Tensor  # w(t) * CE(x_theta(y), x), [b, L] (reporting)
+    correct_on_errors: torch.Tensor  # scalar: #positions with y != x that the corrector fixes
+    num_errors: torch.Tensor  # scalar: #positions with y != x
+
+
+def mdm_terms(logits: torch.Tensor, clean, masked, weight, invalid, corrector_input: str = "all") -> MDMTerms:
+    """First forward: the masked-diffusion loss on z_t and the corrector input y.
+
+    logits: [b, L, V/tp] from x_theta(z_t); clean, masked: [b, L]; weight: w(t), [b].
+    """
+    logits = suppress_invalid(logits, invalid)
+    y = vocab_parallel_argmax(logits.detach())
+    ce = vocab_parallel_cross_entropy(logits, clean)  # [b, L]
+    per_token = torch.where(masked, ce * weight[:, None], torch.zeros_like(ce))
+    if corrector_input == "masked":
+        y = torch.where(masked, y, clean)
+    n_masked = masked.sum().clamp(min=1)
+    accuracy = ((y == clean) & masked).sum().float() / n_masked
+    return MDMTerms(per_token=per_token, corrector_input=y, accuracy_on_masked=accuracy)
+
+
+def sc_terms(logits: torch.Tensor, clean, corrector_input, weight, invalid, opts: LossOptions) -> SCTerms:
+    """Second forward: the self-correction loss of x_theta(y) against x at every position."""
+    logits = suppress_invalid(logits, invalid)
+    prediction = vocab_parallel_argmax(logits.detach())
+    ce = vocab_parallel_cross_entropy(logits, clean)  # -log p_theta(x | y), [b, L]
+    w = weight[:, None] if opts.weighted_corrector_loss else torch.ones_like(weight)[:, None]
+    errors = corrector_input != clean
+    if opts.errors_upweighted:
+        per_token = torch.where(errors, w * ce, -w * torch.exp(-ce))
+    else:
+        per_token = w * ce
+    return SCTerms(
+        per_token=per_token,
+        nll_per_token=(weight[:, None] * ce).detach(),
+        correct_on_errors=((prediction == clean) & errors).sum().float(),
+        num_errors=errors.sum().float(),
+    )

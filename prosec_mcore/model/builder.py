@@ -1,0 +1,90 @@
+"""Build this rank's piece of the ProSeCo model from the typed run configuration."""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+
+from ..config import Config, ConfigError
+from .layer_specs import block_spec, select_backend
+from .prosec_model import ProSeCoModel, ProSeCoTransformerConfig
+
+# The vocabulary is padded to a multiple of this (divisible by every power-of-two TP size up to
+# 128), independent of the parallel layout, so that every layout builds the same weights.
+VOCAB_PAD_MULTIPLE = 128
+
+
+def padded_vocab_size(vocab_size: int, tp: int = 1) -> int:
+    padded = math.ceil(vocab_size / VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+    if padded % tp:
+        raise ConfigError(f"tensor parallel size {tp} must divide the padded vocabulary size {padded}")
+    return padded
+
+
+def params_dtype(precision: str) -> torch.dtype:
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() else "fp32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def transformer_config(cfg: Config) -> ProSeCoTransformerConfig:
+    m, p = cfg.model, cfg.parallel
+    dtype = params_dtype(cfg.train.precision)
+    on_gpu = torch.cuda.is_available()
+    dit = m.style == "dit"
+    return ProSeCoTransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        ffn_hidden_size=m.ffn_hidden_size,
+        init_method_std=m.init_method_std,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        layernorm_epsilon=m.layernorm_epsilon,
+        add_bias_linear=dit,  # DiT: MLP with bias; Llama: no biases anywhere
+        add_qkv_bias=False,
+        gated_linear_unit=not dit,
+        activation_func=partial(F.gelu, approximate="tanh") if dit else F.silu,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        sequence_parallel=p.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        autocast_dtype=dtype,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=True,
+        time_conditioning=m.time_conditioning,
+        time_embedding_dim=m.time_embedding_dim,
+        zero_timestep=m.zero_timestep,
+        time_embedder_seed=cfg.train.seed,
+    )
+
+
+def build_model(cfg: Config, vocab_size: int, backend: str = "auto") -> ProSeCoModel:
+    """This rank's model chunk (layers of its pipeline stage, vocab shard of its TP rank)."""
+    config = transformer_config(cfg)
+    backend = select_backend(backend)
+    model = ProSeCoModel(
+        config=config,
+        transformer_layer_spec=block_spec(config, cfg.model.style, cfg.model.time_conditioning, backend),
+        vocab_size=padded_vocab_size(vocab_size, cfg.parallel.tp),
+        max_sequence_length=cfg.model.max_sequence_length,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        rotary_base=cfg.model.rotary_base,
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    model.backend = backend
+    return model

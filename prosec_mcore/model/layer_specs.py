@@ -1,0 +1,91 @@
+"""Layer specs of the bidirectional ProSeCo transformer.
+
+A masked diffusion model sees the whole (partly masked) sequence at once, so attention has no
+causal mask anywhere: every spec here builds megatron-core's attention with
+`AttnMaskType.no_mask` and the model passes `attention_mask=None`.
+
+Two backends, chosen automatically (`select_backend`):
+  local  megatron-core's own tensor-parallel linears and DotProductAttention; runs on CPU.
+  te     Transformer Engine linears and fused attention (GPU). The norm stays a separate module
+         (not TE's fused LayerNorm+Linear) because adaLN modulates the norm's output before
+         the QKV projection.
+"""
+from __future__ import annotations
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from .adaln_layer import AdaLNTransformerLayer
+from .norms import norm_class
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import torch
+        import transformer_engine  # noqa: F401
+
+        return torch.cuda.is_available()
+    except Exception:  # ImportError, or a TE build that cannot load its CUDA libraries
+        return False
+
+
+def select_backend(requested: str = "auto") -> str:
+    if requested == "auto":
+        return "te" if transformer_engine_available() else "local"
+    if requested == "te" and not transformer_engine_available():
+        raise RuntimeError("model backend 'te' needs Transformer Engine and a GPU; use backend=local")
+    return requested
+
+
+def _linears(backend: str):
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelLinear,
+            TEDotProductAttention,
+            TERowParallelLinear,
+        )
+
+        return TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention
+    return ColumnParallelLinear, RowParallelLinear, DotProductAttention
+
+
+def layer_spec(style: str, time_conditioning: str, backend: str = "local") -> ModuleSpec:
+    """One bidirectional transformer layer."""
+    column, row, core_attention = _linears(backend)
+    norm = norm_class(style)
+    return ModuleSpec(
+        module=AdaLNTransformerLayer if time_conditioning == "adaln" else TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.no_mask},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=column,
+                    core_attention=core_attention,
+                    linear_proj=row,
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def block_spec(config, style: str, time_conditioning: str, backend: str = "local", vp_stage=None):
+    """The layers of this pipeline stage plus the final norm (built on the last stage only)."""
+    spec = layer_spec(style, time_conditioning, backend)
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=norm_class(style))

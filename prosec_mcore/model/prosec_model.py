@@ -1,0 +1,93 @@
+"""The ProSeCo network: megatron-core's GPTModel made bidirectional and time-conditioned.
+
+GPTModel supplies everything distributed (vocab-parallel embedding and output layer, rotary
+embeddings, the pipeline-aware TransformerBlock, sharded state dicts for dist_checkpointing);
+this subclass changes what a *diffusion* model needs:
+  * no causal mask: the layer specs use `no_mask` and forward passes `attention_mask=None`;
+  * the input may contain the mask token (the last id of the tokenizer's vocabulary);
+  * time conditioning `adaln`: c = TimestepEmbedder(sigma) is handed to every layer, and the
+    final norm is modulated by (shift, scale) = Linear(c) as in the DiT's final layer;
+    time conditioning `none`: the network never sees t (LLaDA);
+  * forward returns the vocab-parallel logits as [b, L, V/tp]; the objective
+    (diffusion/losses.py) suppresses the mask token and computes the losses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from .time_embedding import AdaLNModulation, TimestepEmbedder, modulate
+
+
+@dataclass
+class ProSeCoTransformerConfig(TransformerConfig):
+    """TransformerConfig plus the ProSeCo time-conditioning settings."""
+
+    time_conditioning: str = "adaln"  # adaln | none
+    time_embedding_dim: int = 128
+    zero_timestep: bool = False
+    time_embedder_seed: int = 1234
+
+
+class ProSeCoModel(GPTModel):
+    def __init__(self, config: ProSeCoTransformerConfig, transformer_layer_spec, vocab_size: int,
+                 max_sequence_length: int, pre_process: bool = True, post_process: bool = True,
+                 rotary_base: int = 10000, vp_stage=None):
+        super().__init__(
+            config=config,
+            transformer_layer_spec=transformer_layer_spec,
+            vocab_size=vocab_size,
+            max_sequence_length=max_sequence_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=True,
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="rope",
+            rotary_percent=1.0,
+            rotary_base=rotary_base,
+            vp_stage=vp_stage,
+        )
+        self.time_conditioning = config.time_conditioning
+        if self.time_conditioning == "adaln":
+            self.time_embedder = TimestepEmbedder(config, config.time_embedding_dim, config.time_embedder_seed)
+            if not pre_process:
+                # Every stage holds a copy; count it once in the gradient norm (see grads.py).
+                for param in self.time_embedder.parameters():
+                    param.shared = True
+                    param.pipeline_shared = True
+            else:
+                for param in self.time_embedder.parameters():
+                    param.pipeline_shared = True
+            if post_process:
+                self.final_modulation = AdaLNModulation(config, config.time_embedding_dim, chunks=2)
+
+    def forward(self, input_ids: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [b, L] (z_t or y), sigma [b] -> vocab-parallel logits [b, L, V/tp].
+
+        On a pipeline stage other than the first, the hidden states come from the previous
+        stage through `set_input_tensor` and `input_ids` only supplies the shape.
+        On a stage other than the last, the output is the hidden states [s, b, h].
+        """
+        seq_length = input_ids.shape[1]
+        hidden = self.embedding(input_ids=input_ids, position_ids=None) if self.pre_process else None
+        rotary = self.rotary_pos_emb(seq_length)
+
+        context = None
+        if self.time_conditioning == "adaln":
+            if sigma is None:
+                raise ValueError("time_conditioning=adaln needs sigma (the noise level) for each sample")
+            if self.config.zero_timestep:
+                sigma = torch.zeros_like(sigma)
+            context = self.time_embedder(sigma)
+
+        hidden = self.decoder(hidden_states=hidden, attention_mask=None, context=context, rotary_pos_emb=rotary)
+        if not self.post_process:
+            return hidden
+        if context is not None:
+            shift, scale = self.final_modulation(context)
+            hidden = modulate(hidden, shift, scale)
+        logits, _ = self.output_layer(hidden)
+        return logits.transpose(0, 1).contiguous()

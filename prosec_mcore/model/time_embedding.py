@@ -1,0 +1,73 @@
+"""Time conditioning: the noise level enters the network through adaLN modulation (DiT).
+
+    c = SiLU( MLP( sinusoidal(sigma) ) )           once per forward, shape [b, D]
+    (shift, scale, gate) per sub-block = Linear(c)  zero-initialised, so every block starts
+                                                    as the identity and the network learns
+                                                    how much to listen to the noise level
+    h <- h + gate * F( LN(h) * (1 + scale) + shift )
+
+sigma = -log alpha_t is what the reference backbone receives; `zero_timestep` feeds 0 instead
+(the reference OWT recipe), which keeps the adaLN path but makes its output a learned constant.
+
+Under pipeline parallelism every stage needs c, so every stage holds a copy of the embedder.
+The copies start equal (seeded init) and stay equal because their gradients are summed over
+the pipeline group before each optimizer step (training/grads.py); all but the first stage's
+copy are marked `shared` so gradient-norm clipping counts the parameters once.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .norms import mark_sequence_parallel
+
+FREQUENCY_DIM = 256
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int = FREQUENCY_DIM, max_period: float = 10000.0) -> torch.Tensor:
+    """[b] -> [b, dim]: cosines then sines at geometrically spaced frequencies."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(torch.nn.Module):
+    """sigma [b] -> c [b, D] = SiLU(Linear(SiLU(Linear(sinusoidal(sigma)))))."""
+
+    def __init__(self, config, embedding_dim: int, seed: int):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(FREQUENCY_DIM, embedding_dim, dtype=config.params_dtype)
+        self.fc2 = torch.nn.Linear(embedding_dim, embedding_dim, dtype=config.params_dtype)
+        gen = torch.Generator().manual_seed(seed)  # identical on every rank and stage
+        with torch.no_grad():
+            for layer in (self.fc1, self.fc2):
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * config.init_method_std)
+                layer.bias.zero_()
+        mark_sequence_parallel(self, config.sequence_parallel)
+
+    def forward(self, sigma: torch.Tensor) -> torch.Tensor:
+        freq = sinusoidal_embedding(sigma).to(self.fc1.weight.dtype)
+        return F.silu(self.fc2(F.silu(self.fc1(freq))))
+
+
+class AdaLNModulation(torch.nn.Module):
+    """c [b, D] -> `chunks` modulation vectors, each [1, b, h] (broadcast over the sequence)."""
+
+    def __init__(self, config, embedding_dim: int, chunks: int):
+        super().__init__()
+        self.chunks = chunks
+        self.linear = torch.nn.Linear(embedding_dim, chunks * config.hidden_size, dtype=config.params_dtype)
+        with torch.no_grad():
+            self.linear.weight.zero_()
+            self.linear.bias.zero_()
+        mark_sequence_parallel(self, config.sequence_parallel)
+
+    def forward(self, c: torch.Tensor):
+        return self.linear(c).unsqueeze(0).chunk(self.chunks, dim=-1)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift

@@ -1,0 +1,187 @@
+"""One ProSeCo training (or validation) step on megatron-core's pipeline schedules.
+
+The corrector input y = argmax x_theta(z_t) exists only on the *last* pipeline stage, after the
+first forward. One pass of megatron-core's schedule therefore cannot express a ProSeCo step when
+the model is pipelined. The step runs the schedule twice over the same micro-batches:
+
+    pass 1 (MDM)  forward/backward of x_theta(z_t) for every micro-batch; the last stage keeps
+                  each micro-batch's argmax tokens y (a stop-gradient);
+    hand-off      y is broadcast from the last stage to the pipeline group;
+    pass 2 (SC)   forward/backward of x_theta(y) for every micro-batch;
+    then one optimizer step on the accumulated gradients.
+
+Because y carries no gradient, the accumulated gradient is exactly that of the joint loss
+lambda_mdm L_MDM + lambda_sc L_SC (tests/unit/test_objective.py checks this). Pass 1 must neither
+start data-parallel gradient reduction nor finalise gradients: megatron's schedule enables
+grad sync for its last micro-batch and calls `config.finalize_model_grads_func` at its end, so
+pass 1 runs with both disabled and gradients are reduced once, after pass 2. Running the passes
+separately also lowers peak memory compared to holding both forwards' activations at once.
+
+Every stage recomputes the noise of each micro-batch from (seed, sample index) (diffusion/noise.py),
+so no noise tensors travel through the pipeline.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from ..diffusion import losses
+from ..diffusion.noise import NoisedBatch, apply_forward_process, sample_times, token_uniforms
+from ..diffusion.schedules import NoiseSchedule
+
+REPORT_KEYS = (
+    "mdm_sum", "sc_sum", "sc_nll_sum", "tokens", "masked", "masked_correct", "errors", "errors_fixed",
+)
+
+
+def _report(device, **values) -> dict:
+    """A fixed-order vector of sums, so reports add up across micro-batches and ranks."""
+    vec = torch.zeros(len(REPORT_KEYS), dtype=torch.float64, device=device)
+    for key, value in values.items():
+        vec[REPORT_KEYS.index(key)] = value
+    return {"report": vec}
+
+
+@dataclass
+class NoiseSettings:
+    seed: int
+    eps: float
+    antithetic: bool
+    global_batch_size: int
+    time_stream: int
+    mask_stream: int
+
+
+def noise_microbatch(mb: dict, schedule: NoiseSchedule, settings: NoiseSettings, mask_id: int, device) -> NoisedBatch:
+    """z_t for one micro-batch: a pure function of the samples' global indices and the seed."""
+    t = sample_times(settings.seed, mb["sample_index"], mb["global_batch_index"], mb["batch_position"],
+                     settings.global_batch_size, settings.eps, settings.antithetic, settings.time_stream)
+    u = token_uniforms(settings.seed, mb["sample_index"], mb["tokens"].shape[1], settings.mask_stream)
+    return apply_forward_process(mb["tokens"].to(device), t, u, schedule, mask_id)
+
+
+class ProSeCoStep:
+    """Runs the forward/backward work of one global batch and returns its metrics."""
+
+    def __init__(self, model_chunks, config, objective: str, loss_opts: losses.LossOptions,
+                 schedule: NoiseSchedule, mask_id: int, vocab_size: int, seq_length: int, micro_batch_size: int):
+        self.model = model_chunks
+        self.config = config  # the TransformerConfig that megatron's schedule reads
+        self.objective = objective
+        self.opts = loss_opts
+        self.schedule = schedule
+        self.mask_id = mask_id
+        self.vocab_size = vocab_size
+        self.seq_length = seq_length
+        self.micro_batch_size = micro_batch_size
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self._invalid = None
+
+    # ----------------------------------------------------------------- loss functions (last stage)
+    def _invalid_ids(self, logits):
+        if self._invalid is None or self._invalid.shape[0] != logits.shape[-1]:
+            self._invalid = losses.invalid_vocab_mask(logits.shape[-1], self.vocab_size, self.mask_id, logits.device)
+        return self._invalid
+
+    def _mdm_loss(self, nb: NoisedBatch, index: int, store: dict, logits):
+        terms = losses.mdm_terms(logits, nb.clean, nb.masked, nb.weight, self._invalid_ids(logits), self.opts.corrector_input)
+        store[index] = terms.corrector_input
+        mdm_sum = terms.per_token.sum()
+        masked = nb.masked.sum().float()
+        report = _report(logits.device, mdm_sum=mdm_sum.detach(), tokens=float(nb.clean.numel()), masked=masked,
+                         masked_correct=terms.accuracy_on_masked * masked)
+        return self.opts.lambda_mdm * mdm_sum / nb.clean.numel(), report
+
+    def _sc_loss(self, nb: NoisedBatch, y: torch.Tensor, logits):
+        terms = losses.sc_terms(logits, nb.clean, y, nb.weight, self._invalid_ids(logits), self.opts)
+        sc_sum = terms.per_token.sum()
+        report = _report(logits.device, sc_sum=sc_sum.detach(), sc_nll_sum=terms.nll_per_token.sum(),
+                         errors=terms.num_errors, errors_fixed=terms.correct_on_errors)
+        return self.opts.lambda_sc * sc_sum / nb.clean.numel(), report
+
+    # ----------------------------------------------------------------- schedule passes
+    def _run_pass(self, items, forward_only: bool, first_of_two: bool):
+        """One call of megatron's schedule over `items` = [(model_input, sigma, loss_fn), ...]."""
+        iterator = iter(items)
+
+        def forward_step(data_iterator, model):
+            model_input, sigma, loss_fn = next(data_iterator)
+            return model(model_input, sigma), loss_fn
+
+        saved = (self.config.no_sync_func, self.config.grad_sync_func, self.config.finalize_model_grads_func)
+        outer = contextlib.ExitStack()
+        if first_of_two and not forward_only:
+            # Keep DDP in "not the last micro-batch" mode for the whole pass, and do not finalise.
+            for chunk in self.model:
+                if hasattr(chunk, "no_sync"):
+                    outer.enter_context(chunk.no_sync())
+            self.config.no_sync_func = contextlib.nullcontext
+            self.config.grad_sync_func = None
+            self.config.finalize_model_grads_func = None
+        try:
+            with outer:
+                out = get_forward_backward_func()(
+                    forward_step_func=forward_step,
+                    data_iterator=iterator,
+                    model=self.model,
+                    num_microbatches=len(items),
+                    seq_length=self.seq_length,
+                    micro_batch_size=self.micro_batch_size,
+                    forward_only=forward_only,
+                )
+        finally:
+            self.config.no_sync_func, self.config.grad_sync_func, self.config.finalize_model_grads_func = saved
+        return out
+
+    def _share_corrector_inputs(self, store: dict, count: int, like: torch.Tensor) -> list:
+        """Send the last stage's argmax tokens of every micro-batch to all pipeline stages."""
+        if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+            return [store[i] for i in range(count)]
+        if parallel_state.is_pipeline_last_stage():
+            stacked = torch.stack([store[i] for i in range(count)])
+        else:
+            stacked = torch.empty((count,) + tuple(like.shape), dtype=torch.long, device=like.device)
+        torch.distributed.broadcast(stacked, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                    group=parallel_state.get_pipeline_model_parallel_group())
+        return list(stacked.unbind(0))
+
+    def run(self, microbatches: list, noise: NoiseSettings, forward_only: bool = False, with_corrector=None) -> dict:
+        """Forward (and backward unless forward_only) of one global batch; returns global metrics."""
+        with_corrector = self.objective == "proseco" if with_corrector is None else with_corrector
+        noised = [noise_microbatch(mb, self.schedule, noise, self.mask_id, self.device) for mb in microbatches]
+        store: dict = {}
+        items = [(nb.noised, nb.sigma, partial(self._mdm_loss, nb, i, store)) for i, nb in enumerate(noised)]
+        reports = self._run_pass(items, forward_only, first_of_two=with_corrector)
+        if with_corrector:
+            ys = self._share_corrector_inputs(store, len(noised), noised[0].clean)
+            items = [(y, nb.sigma, partial(self._sc_loss, nb, y)) for nb, y in zip(noised, ys)]
+            reports = list(reports) + list(self._run_pass(items, forward_only, first_of_two=False))
+        return self._reduce_reports(reports)
+
+    def _reduce_reports(self, reports) -> dict:
+        """Sum the per-micro-batch sums over micro-batches, data-parallel ranks and stages."""
+        total = torch.zeros(len(REPORT_KEYS), dtype=torch.float64, device=self.device)
+        for r in reports:
+            total += r["report"].to(device=self.device, dtype=torch.float64)
+        torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:  # only the last stage has values
+            torch.distributed.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+        s = dict(zip(REPORT_KEYS, total.tolist()))
+        tokens = max(s["tokens"], 1.0)
+        metrics = {
+            "mdm_loss": s["mdm_sum"] / tokens,
+            "sc_loss": s["sc_sum"] / tokens,
+            "corrector_nll": s["sc_nll_sum"] / tokens,
+            "mask_fraction": s["masked"] / tokens,
+            "denoiser_accuracy": s["masked_correct"] / max(s["masked"], 1.0),
+            "corrector_accuracy_on_errors": s["errors_fixed"] / max(s["errors"], 1.0),
+            "corrector_input_error_rate": s["errors"] / tokens,
+            "tokens": s["tokens"],
+        }
+        metrics["loss"] = self.opts.lambda_mdm * metrics["mdm_loss"] + self.opts.lambda_sc * metrics["sc_loss"]
+        return metrics

@@ -1,0 +1,185 @@
+"""The ProSeCo pre-training loop on megatron-core (the same code on GPU and on CPU).
+
+    Trainer(cfg).train()
+
+builds, in order: the process groups (runtime/distributed.py), the tokenizer and datasets
+(data/), the model chunk of this rank (model/builder.py) wrapped in megatron-core DDP, the
+optimizer and LR schedule (optim.py), and the ProSeCo step (step.py). Each iteration draws the
+global batch (split over data-parallel ranks and micro-batches), runs the step, takes one
+optimizer step and logs iteration, the two loss terms, learning rate, gradient norm,
+tokens/s and ETA.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import torch
+from megatron.core import parallel_state
+
+from ..config import Config, ConfigError, validate_config
+from ..config_loader import config_to_dict
+from ..data import build_datasets, build_tokenizer, make_batch_iterator
+from ..diffusion.losses import LossOptions
+from ..diffusion.noise import STREAM_TRAIN_MASK, STREAM_TRAIN_TIME, STREAM_VALID_MASK, STREAM_VALID_TIME
+from ..diffusion.schedules import build_schedule
+from ..model.builder import build_model, padded_vocab_size, params_dtype
+from ..runtime import describe_cpu_compat, initialize_distributed
+from ..runtime.init import init_weights_layout_independent
+from .grads import finalize_prosec_grads
+from .metrics_logger import MetricsLogger
+from .optim import build_optimizer, wrap_ddp
+from .step import NoiseSettings, ProSeCoStep
+
+
+def resolve_data_paths(cfg: Config) -> tuple[str, str | None]:
+    prefix = cfg.data.data_prefix or os.path.join(cfg.data.prepare_dir, f"{cfg.data.name}_text_document")
+    tok_path = cfg.data.tokenizer.path
+    if tok_path is None and cfg.data.tokenizer.kind == "hf_json":
+        tok_path = os.path.join(cfg.data.prepare_dir, "tokenizer.json")
+    return prefix, tok_path
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        validate_config(cfg, world_size)
+        initialize_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.train.seed)
+        self.rank = torch.distributed.get_rank()
+        self.is_logger = self.rank == 0
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+
+        prefix, tok_path = resolve_data_paths(cfg)
+        self.tokenizer = build_tokenizer(cfg.data.tokenizer.kind, tok_path)
+        vocab = self.tokenizer.vocab_size
+        if cfg.model.vocab_size is not None and cfg.model.vocab_size != vocab:
+            raise ConfigError(
+                f"model.vocab_size={cfg.model.vocab_size} does not match the tokenizer's vocabulary of {vocab} "
+                f"(mask token included); drop model.vocab_size or use the matching tokenizer"
+            )
+        self.vocab_size = vocab
+        self.mask_id = self.tokenizer.mask_id
+        t = cfg.train
+        self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.dp_size)
+        eval_samples = (t.iters // max(t.eval_interval, 1) + 2) * t.eval_iters * t.global_batch_size
+        self.train_ds, self.valid_ds, _ = build_datasets(
+            prefix, self.tokenizer, cfg.data.seq_length, cfg.data.split, t.seed,
+            (t.iters * t.global_batch_size, eval_samples, 0), os.path.join(cfg.run_dir, "dataset_cache"),
+        )
+
+        self.model = [build_model(cfg, vocab)]
+        init_weights_layout_independent(self.model, seed=t.seed)
+        self.tconfig = self.model[0].config
+        self.model = wrap_ddp(self.model, self.tconfig)
+        self.tconfig.finalize_model_grads_func = finalize_prosec_grads
+        self.tconfig.no_sync_func = self.model[0].no_sync if len(self.model) == 1 else [m.no_sync for m in self.model]
+        self.bf16 = params_dtype(t.precision) == torch.bfloat16
+        self.optimizer, self.scheduler = build_optimizer(self.model, t, self.bf16)
+
+        o = cfg.objective
+        self.loss_opts = LossOptions(o.lambda_mdm, o.lambda_sc, o.corrector_input, o.errors_upweighted,
+                                     o.weighted_corrector_loss)
+        self.step = ProSeCoStep(self.model, self.tconfig, o.name, self.loss_opts,
+                                build_schedule(o.schedule, o.schedule_eps), self.mask_id, vocab,
+                                cfg.data.seq_length, t.micro_batch_size)
+        self.logger = MetricsLogger(cfg.run_dir, t.iters, enabled=self.is_logger,
+                                    tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
+                                    wandb_project=cfg.logging.wandb_project, wandb_mode=cfg.logging.wandb_mode,
+                                    config_dict=config_to_dict(cfg))
+        self._print_startup(prefix, tok_path)
+
+    # ------------------------------------------------------------------ helpers
+    def _print_startup(self, prefix, tok_path):
+        if not self.is_logger:
+            return
+        n_params = sum(p.numel() for m in self.model for p in m.parameters())
+        cfg = self.cfg
+        print(f"[prosec] device={'cuda' if torch.cuda.is_available() else 'cpu'} world={torch.distributed.get_world_size()} "
+              f"tp={cfg.parallel.tp} pp={cfg.parallel.pp} dp={self.dp_size} sp={cfg.parallel.sequence_parallel} "
+              f"backend={self.model[0].module.backend} dtype={'bf16' if self.bf16 else 'fp32'}", flush=True)
+        for line in describe_cpu_compat():
+            print(f"[prosec] cpu runtime: {line}", flush=True)
+        print(f"[prosec] model={cfg.model.name} ({cfg.model.style}, time={cfg.model.time_conditioning}) "
+              f"params on rank 0: {n_params/1e6:.2f}M | vocab {self.vocab_size} (padded {padded_vocab_size(self.vocab_size, cfg.parallel.tp)})"
+              f" mask_id {self.mask_id}", flush=True)
+        print(f"[prosec] objective={cfg.objective.name} schedule={cfg.objective.schedule} | data {prefix} "
+              f"(train {len(self.train_ds)} samples of {cfg.data.seq_length} tokens) | tokenizer {tok_path}", flush=True)
+        print(f"[prosec] global batch {cfg.train.global_batch_size} = micro {cfg.train.micro_batch_size} x "
+              f"{self.num_microbatches} accumulation x dp {self.dp_size} | run dir {cfg.run_dir}", flush=True)
+
+    def _noise(self, valid: bool) -> NoiseSettings:
+        o, t = self.cfg.objective, self.cfg.train
+        return NoiseSettings(
+            seed=t.seed, eps=o.eps_valid if valid else o.eps_train, antithetic=o.antithetic,
+            global_batch_size=t.global_batch_size,
+            time_stream=STREAM_VALID_TIME if valid else STREAM_TRAIN_TIME,
+            mask_stream=STREAM_VALID_MASK if valid else STREAM_TRAIN_MASK,
+        )
+
+    def _next_microbatches(self, iterator):
+        return [next(iterator) for _ in range(self.num_microbatches)]
+
+    def _batches(self, dataset, start_iteration: int = 0):
+        t = self.cfg.train
+        return make_batch_iterator(dataset, t.global_batch_size, t.micro_batch_size, self.dp_rank, self.dp_size,
+                                   start_iteration)
+
+    # ------------------------------------------------------------------ train / validate
+    def train_step(self, microbatches) -> dict:
+        for chunk in self.model:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        metrics = self.step.run(microbatches, self._noise(valid=False))
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=self.cfg.train.global_batch_size)
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["update_skipped"] = not ok
+        return metrics
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Validation NELBO (and its perplexity bound exp(NELBO)) and the corrector NLL."""
+        for chunk in self.model:
+            chunk.eval()
+        iterator = self._batches(self.valid_ds)
+        totals: dict = {}
+        for _ in range(self.cfg.train.eval_iters):
+            m = self.step.run(self._next_microbatches(iterator), self._noise(valid=True), forward_only=True,
+                              with_corrector=True)
+            for key in ("mdm_loss", "corrector_nll", "corrector_accuracy_on_errors"):
+                totals[key] = totals.get(key, 0.0) + m[key] / self.cfg.train.eval_iters
+        return {
+            "valid_nelbo": totals["mdm_loss"],
+            "valid_ppl_bound": math.exp(min(totals["mdm_loss"], 50.0)),
+            "valid_corrector_nll": totals["corrector_nll"],
+            "valid_corrector_accuracy_on_errors": totals["corrector_accuracy_on_errors"],
+        }
+
+    def train(self, start_iteration: int = 0) -> None:
+        t = self.cfg.train
+        iterator = self._batches(self.train_ds, start_iteration)
+        tokens_per_iter = t.global_batch_size * self.cfg.data.seq_length
+        window_start, window_iters = time.time(), 0
+        for iteration in range(start_iteration + 1, t.iters + 1):
+            begin = time.time()
+            metrics = self.train_step(self._next_microbatches(iterator))
+            elapsed = time.time() - begin
+            window_iters += 1
+            record = {"iteration": iteration, "loss": metrics["loss"], "mdm_loss": metrics["mdm_loss"],
+                      "sc_loss": metrics["sc_loss"], "lr": self.optimizer.param_groups[0]["lr"],
+                      "tokens_per_s": tokens_per_iter / elapsed, "step_time_s": elapsed,
+                      **{k: v for k, v in metrics.items() if k not in ("loss", "mdm_loss", "sc_loss", "tokens")}}
+            if t.eval_interval and (iteration % t.eval_interval == 0 or iteration == t.iters):
+                record.update(self.validate())
+            console = iteration % t.log_interval == 0 or iteration == t.iters or iteration == start_iteration + 1
+            sec_per_iter = (time.time() - window_start) / window_iters
+            self.logger.log(record, console=console, seconds_per_iter=sec_per_iter)
+        if self.is_logger:
+            print(f"[prosec] done: {t.iters} iterations. metrics: {self.logger.path}"
+                  + (f" | tensorboard: {os.path.join(self.cfg.run_dir, 'tensorboard')}" if self.cfg.logging.tensorboard else ""),
+                  flush=True)
+        self.logger.close()
