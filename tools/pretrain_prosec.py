@@ -31,6 +31,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    import prosec_mcore
+
+    prosec_mcore.quiet_known_warnings()
     from prosec_mcore.config import ConfigError
     from prosec_mcore.config_loader import load_config
     from prosec_mcore.training.trainer import Trainer

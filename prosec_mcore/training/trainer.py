@@ -100,8 +100,11 @@ class Trainer:
         print(f"[prosec] device={'cuda' if torch.cuda.is_available() else 'cpu'} world={torch.distributed.get_world_size()} "
               f"tp={cfg.parallel.tp} pp={cfg.parallel.pp} dp={self.dp_size} sp={cfg.parallel.sequence_parallel} "
               f"backend={self.model[0].module.backend} dtype={'bf16' if self.bf16 else 'fp32'}", flush=True)
-        for line in describe_cpu_compat():
-            print(f"[prosec] cpu runtime: {line}", flush=True)
+        patches = describe_cpu_compat()
+        if patches:
+            names = sorted({line.split(" ")[0].split(":")[0] for line in patches})
+            print(f"[prosec] cpu runtime: {len(patches)} megatron-core adjustments ({', '.join(names)}); "
+                  f"see prosec_mcore/runtime/cpu_compat.py", flush=True)
         print(f"[prosec] model={cfg.model.name} ({cfg.model.style}, time={cfg.model.time_conditioning}) "
               f"params on rank 0: {n_params/1e6:.2f}M | vocab {self.vocab_size} (padded {padded_vocab_size(self.vocab_size, cfg.parallel.tp)})"
               f" mask_id {self.mask_id}", flush=True)
@@ -134,6 +137,7 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         metrics = self.step.run(microbatches, self._noise(valid=False))
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this step applies
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=self.cfg.train.global_batch_size)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
@@ -170,9 +174,9 @@ class Trainer:
             elapsed = time.time() - begin
             window_iters += 1
             record = {"iteration": iteration, "loss": metrics["loss"], "mdm_loss": metrics["mdm_loss"],
-                      "sc_loss": metrics["sc_loss"], "lr": self.optimizer.param_groups[0]["lr"],
+                      "sc_loss": metrics["sc_loss"], "lr": metrics["lr"],
                       "tokens_per_s": tokens_per_iter / elapsed, "step_time_s": elapsed,
-                      **{k: v for k, v in metrics.items() if k not in ("loss", "mdm_loss", "sc_loss", "tokens")}}
+                      **{k: v for k, v in metrics.items() if k not in ("loss", "mdm_loss", "sc_loss", "tokens", "lr")}}
             if t.eval_interval and (iteration % t.eval_interval == 0 or iteration == t.iters):
                 record.update(self.validate())
             console = iteration % t.log_interval == 0 or iteration == t.iters or iteration == start_iteration + 1

@@ -1,0 +1,57 @@
+"""Data layer: tokenizers, corpus preparation, indexed-dataset preprocessing, and the
+train/valid/test datasets with a deterministic global-batch iterator.
+
+Typical flow::
+
+    prepare_shakespeare_corpus("data_cache/shakespeare")        # tokenizer + .bin/.idx
+    tok = build_tokenizer("hf_json", "data_cache/shakespeare/tokenizer.json")
+    train, valid, test = build_datasets("data_cache/shakespeare/shakespeare_text_document",
+                                        tok, seq_length=256, split="969,30,1", seed=1234,
+                                        num_samples=(G * iters, G * eval_iters, 0),
+                                        cache_dir="runs/x/data_index_cache")
+    batches = make_batch_iterator(train, G, m, dp_rank, dp_size, start_iteration)
+
+Heavy dependencies (megatron-core, tokenizers) are imported lazily inside functions
+where practical.
+"""
+
+from prosec_mcore.data.corpus import prepare_shakespeare_corpus, strip_gutenberg_boilerplate
+from prosec_mcore.data.datasets import (
+    GlobalBatchIterator,
+    build_datasets,
+    make_batch_iterator,
+    validate_indexed_dataset,
+)
+from prosec_mcore.data.preprocess import (
+    iter_jsonl_documents,
+    iter_text_documents,
+    preprocess_documents,
+)
+from prosec_mcore.data.tokenizer import (
+    EOD_TOKEN,
+    MASK_TOKEN,
+    PAD_TOKEN,
+    CharTokenizer,
+    HFTokenizer,
+    ProSeCoTokenizer,
+    build_tokenizer,
+)
+
+__all__ = [
+    "EOD_TOKEN",
+    "MASK_TOKEN",
+    "PAD_TOKEN",
+    "CharTokenizer",
+    "GlobalBatchIterator",
+    "HFTokenizer",
+    "ProSeCoTokenizer",
+    "build_datasets",
+    "build_tokenizer",
+    "iter_jsonl_documents",
+    "iter_text_documents",
+    "make_batch_iterator",
+    "prepare_shakespeare_corpus",
+    "preprocess_documents",
+    "strip_gutenberg_boilerplate",
+    "validate_indexed_dataset",
+]

@@ -1,0 +1,228 @@
+"""Train/valid/test datasets and a deterministic, resumable global-batch iterator.
+
+Datasets
+--------
+We reuse megatron-core's ``GPTDataset`` through ``BlendedMegatronDatasetBuilder``:
+
+* the documents of one indexed dataset are split into train/valid/test by
+  *document* ranges according to a split string such as ``"969,30,1"``;
+* each split shuffles its documents, concatenates them (EOD ids between them)
+  and cuts the token stream into samples, repeating epochs until the requested
+  number of samples exists; the sample order is shuffled too;
+* the three index arrays behind this are cached as ``.npy`` files under
+  ``cache_dir`` and reused by later runs with the same data/seed/length.
+
+An autoregressive LM needs ``L + 1`` tokens per sample (inputs shifted against
+labels).  A masked diffusion LM predicts masked positions in place, so every
+sample is *exactly* ``L`` tokens: ``add_extra_token_to_sequence=False``.  We also
+skip building causal attention masks (``create_attention_mask=False``).
+
+The builder works without ``torch.distributed`` (one process).  Under torchrun
+every rank must call :func:`build_datasets`; global rank 0 builds and caches the
+indices, a barrier follows, and the other ranks load the cache.
+
+Batches
+-------
+Iteration ``k`` consumes the global batch of samples ``k*G .. k*G+G-1`` (wrapped
+modulo the dataset length).  Data-parallel rank ``r`` of ``D`` owns the
+contiguous slice ``r*G/D .. (r+1)*G/D - 1`` of it and feeds it to the model in
+micro-batches of ``m`` samples, in order.  Because the sample index depends only
+on ``(iteration, position)``, the union of all ranks' micro-batches is the same
+global batch for any ``D``, and restarting at ``start_iteration=k`` reproduces
+exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Optional
+
+import numpy as np
+import torch
+
+PREPARE_HINT = "Create them with `python tools/prepare_data.py` (or tools/preprocess_data.py)."
+
+
+def _max_token_id(bin_path: str, dtype, cache_dir: str) -> int:
+    """Largest token id in a ``.bin`` file, scanned in chunks of a memmap and cached in
+    ``cache_dir`` (keyed by file size and mtime) so large corpora are scanned once."""
+    st = os.stat(bin_path)
+    key = {"bin": os.path.abspath(bin_path), "size": st.st_size, "mtime": st.st_mtime_ns}
+    cache_file = os.path.join(cache_dir, os.path.basename(bin_path) + ".max_token_id.json")
+    try:
+        with open(cache_file) as f:
+            cached = json.load(f)
+        if cached["key"] == key:
+            return int(cached["max_token_id"])
+    except (OSError, ValueError, KeyError):
+        pass
+    data = np.memmap(bin_path, dtype=dtype, mode="r")
+    chunk = 1 << 26
+    max_id = max(int(data[i:i + chunk].max()) for i in range(0, data.size, chunk))
+    del data
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{cache_file}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"key": key, "max_token_id": max_id}, f)
+    os.replace(tmp, cache_file)
+    return max_id
+
+
+def validate_indexed_dataset(data_prefix: str, tokenizer, cache_dir: str):
+    """Check that ``<data_prefix>.bin/.idx`` exist, are non-empty and fit the tokenizer.
+    Returns the opened megatron ``IndexedDataset``."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    missing = [p for p in (data_prefix + ".bin", data_prefix + ".idx") if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"indexed dataset file(s) not found: {missing}. {PREPARE_HINT}")
+    indexed = IndexedDataset(data_prefix, mmap=True)
+    n_docs = len(indexed.sequence_lengths)
+    if n_docs == 0 or int(indexed.sequence_lengths.sum()) == 0:
+        raise ValueError(f"indexed dataset {data_prefix} is empty (0 documents or 0 tokens)")
+    max_id = _max_token_id(data_prefix + ".bin", indexed.index.dtype, cache_dir)
+    if max_id >= tokenizer.vocab_size:
+        raise ValueError(
+            f"the tokenizer does not match the data: {data_prefix}.bin contains token id {max_id} "
+            f"but the tokenizer has vocab_size={tokenizer.vocab_size}. Use the tokenizer the data "
+            f"was preprocessed with, or re-run preprocessing with this tokenizer."
+        )
+    return indexed
+
+
+def build_datasets(data_prefix: str, tokenizer, seq_length: int, split: str, seed: int,
+                   num_samples: tuple[int, int, int], cache_dir: str):
+    """Build ``(train, valid, test)`` megatron ``GPTDataset`` objects of exactly
+    ``seq_length`` tokens per sample (``dataset[i]["tokens"]``).
+
+    ``num_samples`` is the minimum number of samples per split; 0 means one epoch.  A
+    split that receives no documents (e.g. ``"1"`` of ``"969,30,1"`` on a 42-document
+    corpus) is returned as ``None`` with a warning.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    if seq_length < 1:
+        raise ValueError(f"seq_length must be >= 1, got {seq_length}")
+    if len(num_samples) != 3 or any(n < 0 for n in num_samples):
+        raise ValueError(f"num_samples must be three non-negative ints, got {num_samples}")
+    indexed = validate_indexed_dataset(data_prefix, tokenizer, cache_dir)
+
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=([data_prefix], None),
+        split=split,
+        path_to_cache=cache_dir,
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        add_extra_token_to_sequence=False,
+    )
+    # megatron splits by document ranges rounded to whole documents; a split whose range
+    # is empty would make GPTDataset loop forever looking for tokens, so drop it here.
+    n_docs = len(indexed.sequence_lengths)
+    names = ("train", "valid", "test")
+    for i, bookends in enumerate(config.split_matrix):
+        if bookends is None:
+            continue
+        if int(round(bookends[1] * n_docs)) - int(round(bookends[0] * n_docs)) <= 0:
+            warnings.warn(f"split {split!r} gives the {names[i]} split no documents out of "
+                          f"{n_docs}; it is returned as None", stacklevel=2)
+            config.split_matrix[i] = None
+    if config.split_matrix[0] is None:
+        raise ValueError(f"split {split!r} leaves no documents for training ({n_docs} in all)")
+
+    sizes = [n if n > 0 else None for n in num_samples]
+    builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config)
+    with warnings.catch_warnings():
+        # pad == eod (GPT-2) makes megatron warn and disable pad handling; that is what we
+        # want, since samples are never padded (partial sequences are dropped).
+        warnings.filterwarnings("ignore", message="The pad token id in the tokenizer collides")
+        train, valid, test = builder.build()
+    if len(train) == 0:
+        raise ValueError(f"the train split of {data_prefix} has fewer than seq_length="
+                         f"{seq_length} tokens; use a shorter sequence length or more data")
+    return train, valid, test
+
+
+class GlobalBatchIterator:
+    """Iterator over this DP rank's micro-batches, iteration after iteration (see module
+    docs); ``next()`` it ``num_microbatches`` times per training step, as megatron's
+    forward-backward schedules do.
+
+    Each micro-batch is a dict of LongTensors: ``tokens [m, L]``, ``sample_index [m]``
+    (``iteration * G + position``; the dataset index is that modulo ``len(dataset)``),
+    ``batch_position [m]`` (0..G-1) and ``global_batch_index [m]`` (the iteration).
+    Iterates forever unless ``end_iteration`` is given (exclusive).
+    """
+
+    def __init__(self, dataset, global_batch_size: int, micro_batch_size: int, dp_rank: int = 0,
+                 dp_size: int = 1, start_iteration: int = 0, end_iteration: Optional[int] = None):
+        G, m = global_batch_size, micro_batch_size
+        if G < 1 or m < 1 or dp_size < 1:
+            raise ValueError("global_batch_size, micro_batch_size and dp_size must be >= 1")
+        if G % dp_size:
+            raise ValueError(f"global_batch_size ({G}) must be divisible by the data-parallel "
+                             f"size ({dp_size})")
+        if (G // dp_size) % m:
+            raise ValueError(f"global_batch_size / dp_size ({G} / {dp_size} = {G // dp_size}) "
+                             f"must be divisible by micro_batch_size ({m})")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank must be in [0, {dp_size}), got {dp_rank}")
+        if start_iteration < 0:
+            raise ValueError(f"start_iteration must be >= 0, got {start_iteration}")
+        if dataset is None or len(dataset) == 0:
+            raise ValueError("cannot iterate over an empty (or missing) dataset")
+        self.dataset = dataset
+        self.global_batch_size, self.micro_batch_size = G, m
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.per_rank = G // dp_size
+        self.num_microbatches = self.per_rank // m
+        self.iteration = start_iteration  # the iteration the next micro-batch belongs to
+        self._next_micro = 0  # index of the next micro-batch within that iteration
+        self.end_iteration = end_iteration
+
+    def microbatch(self, iteration: int, index: int) -> dict[str, torch.Tensor]:
+        """Micro-batch ``index`` (0..num_microbatches-1) of this rank at ``iteration``."""
+        first = self.dp_rank * self.per_rank + index * self.micro_batch_size
+        positions = torch.arange(first, first + self.micro_batch_size, dtype=torch.long)
+        sample_index = iteration * self.global_batch_size + positions
+        n = len(self.dataset)
+        tokens = torch.stack([self.dataset[int(i) % n]["tokens"] for i in sample_index])
+        return {
+            "tokens": tokens.long(),
+            "sample_index": sample_index,
+            "batch_position": positions,
+            "global_batch_index": torch.full_like(positions, iteration),
+        }
+
+    def microbatches(self, iteration: int) -> list[dict[str, torch.Tensor]]:
+        """All of this rank's micro-batches of one iteration, in order."""
+        return [self.microbatch(iteration, j) for j in range(self.num_microbatches)]
+
+    def __iter__(self) -> "GlobalBatchIterator":
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.end_iteration is not None and self.iteration >= self.end_iteration:
+            raise StopIteration
+        batch = self.microbatch(self.iteration, self._next_micro)
+        self._next_micro += 1
+        if self._next_micro == self.num_microbatches:
+            self.iteration, self._next_micro = self.iteration + 1, 0
+        return batch
+
+
+def make_batch_iterator(dataset, global_batch_size: int, micro_batch_size: int, dp_rank: int,
+                        dp_size: int, start_iteration: int = 0,
+                        end_iteration: Optional[int] = None) -> GlobalBatchIterator:
+    """Convenience constructor for :class:`GlobalBatchIterator`."""
+    return GlobalBatchIterator(dataset, global_batch_size, micro_batch_size, dp_rank, dp_size,
+                               start_iteration, end_iteration)

@@ -1,0 +1,293 @@
+"""Tokenizers for masked diffusion language models.
+
+A masked diffusion LM corrupts a sequence by replacing tokens with a dedicated
+``[MASK]`` symbol and learns to predict the originals.  The mask symbol must be a
+real row of the embedding table, yet it must never occur in training data.  We
+therefore keep one invariant for every tokenizer in this project::
+
+    vocab_size == number of ordinary + special ids, and mask_id == vocab_size - 1
+
+Besides the mask we track ``eod`` (end of document, appended to every document
+by the preprocessor) and ``pad``.  Raw text is always encoded with special
+tokens *disabled*: the string ``"<|mask|>"`` inside a document becomes ordinary
+bytes, so special ids only ever enter a sequence on purpose.
+
+Three kinds are supported by :func:`build_tokenizer`:
+
+* ``hf_json``  -- a HuggingFace ``tokenizers`` JSON file (or a folder with
+  ``tokenizer.json``).  ``<|endoftext|>`` must be a special token; ``<|mask|>``
+  is appended if it is missing.
+* ``gpt2_bpe`` -- GPT-2's byte-level BPE given as a tiktoken rank file
+  (``gpt2.tiktoken``); converted to a ``tokenizers`` BPE, see ``gpt2_bpe.py``.
+  eod = 50256, mask = 50257 (``pad`` aliases ``eod``: GPT-2 has no pad token).
+* ``char``     -- one id per character (e.g. SMILES), then eod, pad, mask.
+* ``auto``     -- a folder written by :meth:`ProSeCoTokenizer.save`.
+
+The classes implement megatron-core's ``MegatronTokenizerBase`` interface
+(``tokenize``/``detokenize``/``vocab``/``vocab_size``/``eod``/``pad`` and a
+``unique_identifiers`` dict that feeds the dataset-cache hash), which is all
+``GPTDatasetConfig``/``GPTDataset`` need.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from typing import Iterable, Optional, Sequence
+
+from megatron.core.tokenizers import MegatronTokenizerBase
+
+EOD_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+MASK_TOKEN = "<|mask|>"
+META_FILE = "prosec_tokenizer.json"  # written by save(); read by kind="auto"
+CHAR_FILE = "char_vocab.json"
+KINDS = ("hf_json", "gpt2_bpe", "char", "auto")
+
+
+class ProSeCoTokenizer(MegatronTokenizerBase):
+    """Common interface: ids for text plus the special ids eod, pad and mask.
+
+    Subclasses implement ``encode``, ``decode``, ``vocab``, ``_save_files`` and
+    ``_fingerprint``; this base class checks the mask-is-last invariant and
+    provides the megatron-core aliases.
+    """
+
+    kind: str = "base"
+
+    def __init__(self, path: Optional[str], vocab_size: int, eod: int, pad: int, mask: int):
+        super().__init__(path or "", config={})
+        self._vocab_size, self._eod, self._pad, self._mask = vocab_size, eod, pad, mask
+        if mask != vocab_size - 1:
+            raise ValueError(
+                f"{MASK_TOKEN} has id {mask} but must be the last id ({vocab_size - 1}). "
+                f"Rebuild the tokenizer so that {MASK_TOKEN} is added after every other token."
+            )
+        if len({eod, mask}) != 2 or pad == mask:
+            raise ValueError(f"special ids collide: eod={eod} pad={pad} mask={mask}")
+
+    # --- the project's interface -------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def mask_id(self) -> int:
+        return self._mask
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    @property
+    def pad(self) -> int:
+        return self._pad
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def save(self, directory: str) -> str:
+        """Write the tokenizer files plus a small metadata file into ``directory``."""
+        os.makedirs(directory, exist_ok=True)
+        self._save_files(directory)
+        meta = {"kind": self.kind, "vocab_size": self.vocab_size, "eod": self.eod,
+                "pad": self.pad, "mask": self.mask_id}
+        with open(os.path.join(directory, META_FILE), "w") as f:
+            json.dump(meta, f, indent=2)
+        return directory
+
+    # --- megatron-core aliases -----------------------------------------------------------------
+    @property
+    def mask(self) -> int:
+        return self._mask
+
+    @property
+    def eos(self) -> int:
+        return self._eod
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.encode(text)
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        return self.decode(ids)
+
+    @property
+    def inv_vocab(self) -> dict[int, str]:
+        return {i: t for t, i in self.vocab.items()}
+
+    def apply_chat_template(self, *args, **kwargs):
+        raise NotImplementedError("pre-training tokenizers have no chat template")
+
+    @property
+    def unique_identifiers(self) -> OrderedDict:
+        """Identity used by megatron-core to name cached dataset indices."""
+        return OrderedDict(class_=type(self).__name__, kind=self.kind, vocab_size=self.vocab_size,
+                           eod=self.eod, pad=self.pad, mask=self.mask_id,
+                           fingerprint=self._fingerprint())
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(kind={self.kind!r}, vocab_size={self.vocab_size}, "
+                f"eod={self.eod}, pad={self.pad}, mask={self.mask_id})")
+
+
+class HFTokenizer(ProSeCoTokenizer):
+    """Wraps a ``tokenizers.Tokenizer`` (used by ``hf_json`` and ``gpt2_bpe``)."""
+
+    def __init__(self, backend, path: Optional[str] = None, kind: str = "hf_json",
+                 eod_token: str = EOD_TOKEN, pad_token: Optional[str] = PAD_TOKEN):
+        self.kind = kind
+        added = backend.get_added_tokens_decoder()
+        specials = {tok.content: i for i, tok in added.items() if tok.special}
+        if eod_token not in specials:
+            raise ValueError(
+                f"tokenizer {path or ''} has no special token {eod_token!r}; retrain it with "
+                f"special_tokens=[{eod_token!r}, {PAD_TOKEN!r}, ...] (see prepare_data.py)."
+            )
+        if MASK_TOKEN not in specials:  # append the mask as the last id
+            backend.add_special_tokens([MASK_TOKEN])
+        backend.encode_special_tokens = True  # raw text never yields special ids
+        self._tk = backend
+        eod = backend.token_to_id(eod_token)
+        pad_id = backend.token_to_id(pad_token) if pad_token else None
+        super().__init__(path, backend.get_vocab_size(with_added_tokens=True), eod,
+                         eod if pad_id is None else pad_id, backend.token_to_id(MASK_TOKEN))
+
+    def encode(self, text: str) -> list[int]:
+        return self._tk.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        # encode_batch_fast skips computing character offsets, which we never use
+        encode = getattr(self._tk, "encode_batch_fast", self._tk.encode_batch)
+        return [e.ids for e in encode(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tk.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        return self._tk.get_vocab(with_added_tokens=True)
+
+    @property
+    def backend(self):
+        """The underlying ``tokenizers.Tokenizer``."""
+        return self._tk
+
+    def _save_files(self, directory: str) -> None:
+        self._tk.save(os.path.join(directory, "tokenizer.json"))
+
+    def _fingerprint(self) -> str:
+        if not hasattr(self, "_fp"):
+            self._fp = hashlib.sha256(self._tk.to_str().encode()).hexdigest()[:16]
+        return self._fp
+
+
+class CharTokenizer(ProSeCoTokenizer):
+    """One id per character, followed by eod, pad and mask (mask last)."""
+
+    kind = "char"
+
+    def __init__(self, chars: str, path: Optional[str] = None):
+        ordered = list(dict.fromkeys(chars))  # unique, in order of first appearance
+        if not ordered:
+            raise ValueError("char tokenizer needs at least one character")
+        self._chars = ordered
+        self._to_id = {c: i for i, c in enumerate(ordered)}
+        n = len(ordered)
+        self._specials = {n: EOD_TOKEN, n + 1: PAD_TOKEN, n + 2: MASK_TOKEN}
+        super().__init__(path, n + 3, eod=n, pad=n + 1, mask=n + 2)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self._to_id[c] for c in text]
+        except KeyError:
+            unknown = sorted({c for c in text if c not in self._to_id})
+            raise ValueError(
+                f"characters {unknown[:10]!r} are not in the char vocabulary; add them to the "
+                f"vocabulary file and re-run preprocessing"
+            ) from None
+
+    def decode(self, ids: Iterable[int]) -> str:
+        n = len(self._chars)
+        return "".join(self._chars[i] if i < n else self._specials[i] for i in map(int, ids))
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        v = dict(self._to_id)
+        v.update({t: i for i, t in self._specials.items()})
+        return v
+
+    def _save_files(self, directory: str) -> None:
+        with open(os.path.join(directory, CHAR_FILE), "w") as f:
+            json.dump({"chars": self._chars}, f, ensure_ascii=False, indent=0)
+
+    def _fingerprint(self) -> str:
+        return hashlib.sha256("".join(self._chars).encode()).hexdigest()[:16]
+
+
+def _require_file(path: Optional[str], what: str, hint: str) -> str:
+    if not path:
+        raise ValueError(f"a path to {what} is required. {hint}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path!r}. {hint}")
+    return path
+
+
+def _load_char_vocab(path: str) -> str:
+    """A saved ``char_vocab.json`` or a plain text file listing the characters (newlines are
+    ignored, so one may write one character per line or all on one line)."""
+    if path.endswith(".json"):
+        with open(path) as f:
+            return "".join(json.load(f)["chars"])
+    with open(path, encoding="utf-8") as f:
+        return f.read().replace("\r", "").replace("\n", "")
+
+
+def build_tokenizer(kind: str, path: Optional[str] = None, *, chars: Optional[str] = None
+                    ) -> ProSeCoTokenizer:
+    """Build a tokenizer of ``kind`` (one of :data:`KINDS`) from ``path``.
+
+    ``path`` may be a file or a folder written by :meth:`ProSeCoTokenizer.save`.  For
+    ``kind="char"`` the characters may also be given directly via ``chars``.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; choose one of {KINDS}")
+    if path and os.path.isdir(path):
+        meta_path = os.path.join(path, META_FILE)
+        if kind == "auto":
+            _require_file(meta_path, "tokenizer metadata",
+                          "Write the folder with tokenizer.save().")
+            with open(meta_path) as f:
+                kind = json.load(f)["kind"]
+            kind = "hf_json" if kind == "gpt2_bpe" else kind  # saved as tokenizer.json
+        path = os.path.join(path, CHAR_FILE if kind == "char" else "tokenizer.json")
+    elif kind == "auto":
+        raise ValueError(f"kind='auto' needs a folder written by tokenizer.save(), got {path!r}")
+
+    if kind == "char":
+        if chars is None:
+            path = _require_file(path, "char vocabulary file",
+                                 "Pass a text file containing every character, or chars='...'.")
+            chars = _load_char_vocab(path)
+        return CharTokenizer(chars, path)
+
+    from tokenizers import Tokenizer
+
+    if kind == "hf_json":
+        path = _require_file(path, "tokenizer JSON file",
+                             "Create one with `python tools/prepare_data.py` "
+                             "(writes data_cache/shakespeare/tokenizer.json).")
+        return HFTokenizer(Tokenizer.from_file(path), path)
+
+    from prosec_mcore.data.gpt2_bpe import tokenizer_from_tiktoken_file
+
+    path = _require_file(path, "GPT-2 rank file (gpt2.tiktoken)",
+                         "Provide the tiktoken-format file with lines '<base64 token> <rank>'.")
+    return HFTokenizer(tokenizer_from_tiktoken_file(path), path, kind="gpt2_bpe", pad_token=None)

@@ -1,0 +1,51 @@
+"""Configuration: Hydra composition, overrides, and one-line errors for impossible settings."""
+import pytest
+
+from prosec_mcore.config import ConfigError, validate_config
+from prosec_mcore.config_loader import load_config
+
+
+def test_defaults_compose_to_the_tiny_proseco_run():
+    cfg = load_config([])
+    assert cfg.model.name == "tiny" and cfg.objective.name == "proseco"
+    assert cfg.run_dir == "runs/tiny-proseco"
+    validate_config(cfg, world_size=1)
+
+
+def test_required_overrides_work():
+    cfg = load_config(["model=tiny", "objective=mdlm", "train.iters=7", "train.seed=3", "train.log_interval=2",
+                       "run_dir=/tmp/somewhere"])
+    assert (cfg.objective.name, cfg.train.iters, cfg.train.seed, cfg.train.log_interval, cfg.run_dir) == (
+        "mdlm", 7, 3, 2, "/tmp/somewhere")
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("pp", [1, 2, 4])
+def test_tiny_preset_is_valid_for_every_tp_and_pp_up_to_4(tp, pp):
+    cfg = load_config([f"parallel.tp={tp}", f"parallel.pp={pp}"])
+    validate_config(cfg, world_size=tp * pp)
+
+
+@pytest.mark.parametrize("overrides,world,message", [
+    (["parallel.tp=3"], 3, "num_attention_heads=4 (query groups 4) is not divisible by tp=3"),
+    (["parallel.pp=3"], 3, "num_layers=8 is not divisible by pp=3"),
+    (["parallel.tp=2", "parallel.pp=2"], 6, "world size 6 is not divisible by tp*pp = 2*2 = 4"),
+    (["data.seq_length=4096"], 1, "data.seq_length=4096 exceeds the model's maximum model.max_sequence_length=128"),
+    (["train.global_batch_size=12", "train.micro_batch_size=8"], 1, "global_batch_size=12 is not divisible"),
+    (["parallel.sequence_parallel=true"], 1, "sequence_parallel=true needs --tp > 1"),
+    (["objective.corrector_input=everywhere"], 1, "objective.corrector_input='everywhere' is not one of all, masked"),
+])
+def test_impossible_settings_are_refused_with_a_clear_message(overrides, world, message):
+    cfg = load_config(overrides)
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg, world_size=world)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("override", ["train.itres=5", "model.nonsense=1", "model=does_not_exist", "train.iters=many"])
+def test_unknown_keys_and_bad_values_are_refused(override):
+    with pytest.raises(ConfigError) as err:
+        load_config([override])
+    assert str(err.value).startswith("invalid configuration:")
+    assert "\n" not in str(err.value)
