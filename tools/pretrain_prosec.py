@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(parse_args(argv))
         trainer = Trainer(cfg)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, ValueError, FileNotFoundError) as err:  # bad input: one line, no traceback
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     trainer.train()

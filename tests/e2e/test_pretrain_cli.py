@@ -1,0 +1,76 @@
+"""End to end: `tools/pretrain_prosec.py` as a user runs it, on the bundled Shakespeare corpus."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REQUIRED_KEYS = {"iteration", "loss", "mdm_loss", "sc_loss", "lr", "tokens_per_s"}
+
+
+def pretrain(args, timeout=600, launcher=None):
+    cmd = (launcher or [sys.executable]) + [os.path.join(ROOT, "tools", "pretrain_prosec.py"), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def mean(rows, key):
+    return sum(r[key] for r in rows) / len(rows)
+
+
+def test_short_proseco_run_lowers_both_terms_and_validates(shakespeare_corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    result = pretrain(shakespeare_corpus + [
+        "model=tiny", "objective=proseco", "data.seq_length=64", "train.iters=120", "train.global_batch_size=16",
+        "train.micro_batch_size=8", "train.lr=3e-3", "train.lr_warmup_iters=10", "train.log_interval=20",
+        "train.eval_interval=60", "train.eval_iters=2", f"run_dir={run_dir}"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "tok/s" in result.stdout and "ETA" in result.stdout and "metrics.jsonl" in result.stdout
+    rows = metrics(run_dir)
+    assert [r["iteration"] for r in rows] == list(range(1, 121))
+    assert all(REQUIRED_KEYS <= set(r) for r in rows)
+    first, last = rows[:20], rows[-20:]
+    assert mean(last, "mdm_loss") < mean(first, "mdm_loss") - 0.3
+    assert mean(last, "sc_loss") < mean(first, "sc_loss") - 0.3
+    validated = [r for r in rows if "valid_nelbo" in r]
+    assert [r["iteration"] for r in validated] == [60, 120]
+    assert validated[1]["valid_nelbo"] < validated[0]["valid_nelbo"]
+    assert validated[1]["valid_ppl_bound"] > 1.0 and validated[1]["valid_corrector_nll"] > 0
+    assert os.listdir(run_dir / "tensorboard")
+
+
+def test_mdlm_objective_runs_one_pass(shakespeare_corpus, tmp_path):
+    result = pretrain(shakespeare_corpus + ["objective=mdlm", "data.seq_length=32", "train.iters=2",
+                                            "train.eval_interval=0", f"run_dir={tmp_path}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = metrics(tmp_path)
+    assert all(r["sc_loss"] == 0.0 and r["loss"] == r["mdm_loss"] for r in rows)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["data.prepare_dir=/nonexistent/corpus"], "python tools/prepare_data.py"),
+    (["model.vocab_size=5000"], "does not match the tokenizer's vocabulary of 1024"),
+    (["train.itres=5"], "unknown key 'train.itres' (did you mean train.iters?)"),
+    (["--tp", "3"], "is not divisible by tp=3"),
+    (["data.seq_length=512"], "exceeds the model's maximum"),
+])
+def test_bad_input_fails_before_work_with_one_clear_line(shakespeare_corpus, tmp_path, args, message):
+    result = pretrain(shakespeare_corpus + [f"run_dir={tmp_path}", *args], timeout=120)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def test_world_size_not_divisible_by_tp_times_pp(shakespeare_corpus, tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3"]
+    result = pretrain(["--tp", "2"] + shakespeare_corpus + [f"run_dir={tmp_path}"], launcher=launcher, timeout=180)
+    assert result.returncode != 0
+    assert "world size 3 is not divisible by tp*pp = 2*1 = 2" in result.stderr
