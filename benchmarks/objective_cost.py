@@ -7,6 +7,11 @@ Both objectives run on one Trainer (same weights, data and noise). ProSeCo does 
 forward-backward passes, so 2.0x the MDLM step is the natural cost; the table splits each step
 into its phases (noise drawing, the MDM pass, the hand-off of y between pipeline stages, the SC
 pass, the optimizer step) to show where any excess goes.
+
+The row `mdlm x2` runs MDLM on twice the micro-batches in ONE schedule call: the same total
+forward-backward work as a ProSeCo step, but with one pipeline fill/drain instead of two and no
+hand-off. (proseco passes) - (mdlm x2 pass) is what the double pass costs in pipeline bubble
+and communication.
 """
 import argparse
 import os
@@ -36,16 +41,19 @@ def main():
     overrides = [f"parallel.tp={args.tp}", f"parallel.pp={args.pp}", "train.eval_interval=0",
                  "logging.tensorboard=false", "run_dir=runs/benchmark-objective", *args.overrides]
     trainer = Trainer(load_config(overrides))
+    trainer.step.time_phases = True
     iterator = trainer._batches(trainer.train_ds)
     batch = trainer._next_microbatches(iterator)  # the same global batch for every step
+    double = batch + trainer._next_microbatches(iterator)
 
     rows = {}
-    for objective in ("mdlm", "proseco"):
+    for row, objective, microbatches in (("mdlm", "mdlm", batch), ("proseco", "proseco", batch),
+                                         ("mdlm x2", "mdlm", double)):
         trainer.step.objective = objective
         totals, phases = [], {}
         for i in range(args.warmup + args.iters):
             start = time.perf_counter()
-            trainer.train_step(batch)
+            trainer.train_step(microbatches)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             total = time.perf_counter() - start
@@ -55,7 +63,7 @@ def main():
                 laps["optimizer"] = total - sum(laps.values())
                 for key, value in laps.items():
                     phases.setdefault(key, []).append(value)
-        rows[objective] = (statistics.median(totals), {k: statistics.median(v) for k, v in phases.items()})
+        rows[row] = (statistics.median(totals), {k: statistics.median(v) for k, v in phases.items()})
 
     if torch.distributed.get_rank() != 0:
         return
@@ -67,12 +75,16 @@ def main():
     names = ["noise", "mdm_pass", "handoff", "sc_pass", "optimizer"]
     print(f"| objective | step ms | " + " | ".join(f"{n} ms" for n in names) + " |")
     print("|---|---:|" + "---:|" * len(names))
-    for objective, (total, laps) in rows.items():
+    for row, (total, laps) in rows.items():
         cells = " | ".join(f"{laps.get(n, 0.0) * 1e3:.1f}" for n in names)
-        print(f"| {objective} | {total * 1e3:.1f} | {cells} |")
+        print(f"| {row} | {total * 1e3:.1f} | {cells} |")
     ratio = rows["proseco"][0] / rows["mdlm"][0]
     passes = (rows["proseco"][1]["mdm_pass"] + rows["proseco"][1]["sc_pass"]) / rows["mdlm"][1]["mdm_pass"]
+    bubble = (rows["proseco"][1]["mdm_pass"] + rows["proseco"][1]["handoff"] + rows["proseco"][1]["sc_pass"]
+              - rows["mdlm x2"][1]["mdm_pass"])
     print(f"\nproseco / mdlm step time: {ratio:.3f}x   (forward-backward passes only: {passes:.3f}x)")
+    print(f"double-pass overhead vs one pass of the same work (bubble + hand-off): {bubble * 1e3:.1f} ms "
+          f"({100 * bubble / rows['mdlm x2'][1]['mdm_pass']:.1f}% of that pass)")
 
 
 if __name__ == "__main__":

@@ -115,6 +115,7 @@ class TrainConfig:
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
+    vpp: Optional[int] = None  # virtual (interleaved) pipeline stages per pipeline rank
     sequence_parallel: bool = False
 
 
@@ -156,8 +157,12 @@ def _get(cfg, dotted: str):
     return value
 
 
-def validate_config(cfg: Config, world_size: int = 1) -> None:
+def validate_config(cfg: Config, world_size: int = 1, cuda_available: bool | None = None) -> None:
     """Refuse, before any work starts, every setting that cannot run."""
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
     for key, allowed in _CHOICES.items():
         if _get(cfg, key) not in allowed:
             raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {', '.join(allowed)}")
@@ -180,6 +185,14 @@ def validate_config(cfg: Config, world_size: int = 1) -> None:
             f"model.num_layers={m.num_layers} is not divisible by pp={p.pp}; "
             f"choose a pp that divides the number of layers"
         )
+    if p.vpp is not None:
+        if p.pp < 2 or p.vpp < 2:
+            raise ConfigError(f"parallel.vpp={p.vpp} (interleaved pipeline) needs --pp >= 2 and vpp >= 2")
+        if m.num_layers % (p.pp * p.vpp):
+            raise ConfigError(
+                f"model.num_layers={m.num_layers} is not divisible by pp*vpp = {p.pp}*{p.vpp}; "
+                f"every virtual stage needs the same number of layers"
+            )
     if m.ffn_hidden_size % p.tp:
         raise ConfigError(f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by tp={p.tp}")
     if world_size % (p.tp * p.pp) != 0:
@@ -204,6 +217,17 @@ def validate_config(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not divisible by "
             f"train.micro_batch_size * data-parallel size = {t.micro_batch_size} * {dp}"
+        )
+    micro = t.global_batch_size // (t.micro_batch_size * dp)
+    if p.vpp is not None and micro % p.pp:
+        raise ConfigError(
+            f"the interleaved pipeline needs the number of micro-batches per step ({micro} = global batch / "
+            f"(micro batch * dp)) to be a multiple of pp={p.pp}; raise train.global_batch_size"
+        )
+    if t.precision == "bf16" and not cuda_available:
+        raise ConfigError(
+            "train.precision=bf16 needs a GPU: megatron-core's mixed-precision optimizer only holds CUDA "
+            "tensors; use train.precision=auto (fp32 on CPU, bf16 on GPU)"
         )
     if t.iters < 1:
         raise ConfigError(f"train.iters must be >= 1 (got {t.iters})")

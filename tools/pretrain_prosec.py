@@ -17,6 +17,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tp", type=int, default=None, help="tensor-parallel size")
     parser.add_argument("--pp", type=int, default=None, help="pipeline-parallel size")
+    parser.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank (interleaved)")
     parser.add_argument("--sp", action="store_true", help="sequence parallelism (needs --tp > 1)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=tiny train.iters=100")
     args = parser.parse_args(argv)
@@ -25,6 +26,8 @@ def parse_args(argv=None):
         overrides.append(f"parallel.tp={args.tp}")
     if args.pp is not None:
         overrides.append(f"parallel.pp={args.pp}")
+    if args.vpp is not None:
+        overrides.append(f"parallel.vpp={args.vpp}")
     if args.sp:
         overrides.append("parallel.sequence_parallel=true")
     return overrides
@@ -41,7 +44,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(parse_args(argv))
         trainer = Trainer(cfg)
-    except (ConfigError, ValueError, FileNotFoundError) as err:  # bad input: one line, no traceback
+    except (ConfigError, FileNotFoundError) as err:  # bad input: one line, no traceback
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     trainer.train()

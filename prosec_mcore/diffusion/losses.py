@@ -81,7 +81,7 @@ class MDMTerms:
 @dataclass
 class SCTerms:
     per_token: torch.Tensor  # corrector loss per position, [b, L] (differentiable)
-    nll_per_token: torch.Tensor  # w(t) * CE(x_theta(y), x), [b, L] (reporting)
+    nll_per_token: torch.Tensor  # -log p_theta(x | y) per position, [b, L] (reporting, unweighted)
     correct_on_errors: torch.Tensor  # scalar: #positions with y != x that the corrector fixes
     num_errors: torch.Tensor  # scalar: #positions with y != x
 
@@ -115,7 +115,7 @@ def sc_terms(logits: torch.Tensor, clean, corrector_input, weight, invalid, opts
         per_token = w * ce
     return SCTerms(
         per_token=per_token,
-        nll_per_token=(weight[:, None] * ce).detach(),
+        nll_per_token=ce.detach(),
         correct_on_errors=((prediction == clean) & errors).sum().float(),
         num_errors=errors.sum().float(),
     )

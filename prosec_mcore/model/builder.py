@@ -45,7 +45,7 @@ def transformer_config(cfg: Config) -> ProSeCoTransformerConfig:
         hidden_dropout=m.hidden_dropout,
         attention_dropout=m.attention_dropout,
         layernorm_epsilon=m.layernorm_epsilon,
-        add_bias_linear=dit,  # DiT: MLP with bias; Llama: no biases anywhere
+        add_bias_linear=dit,  # MLP biases (DiT); attention projections never have one (layer_specs.py)
         add_qkv_bias=False,
         gated_linear_unit=not dit,
         activation_func=partial(F.gelu, approximate="tanh") if dit else F.silu,
@@ -57,6 +57,12 @@ def transformer_config(cfg: Config) -> ProSeCoTransformerConfig:
         gradient_accumulation_fusion=False,
         tensor_model_parallel_size=p.tp,
         pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp,
+        # With two pipeline ranks, previous and next stage are the same rank: megatron's batched
+        # p2p then mixes up activations and gradients of the interleaved schedule (Megatron-LM's
+        # own setting for interleaving avoids it).
+        overlap_p2p_comm=p.vpp is not None,
+        batch_p2p_comm=p.vpp is None,
         sequence_parallel=p.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -71,20 +77,28 @@ def transformer_config(cfg: Config) -> ProSeCoTransformerConfig:
     )
 
 
-def build_model(cfg: Config, vocab_size: int, backend: str = "auto") -> ProSeCoModel:
-    """This rank's model chunk (layers of its pipeline stage, vocab shard of its TP rank)."""
+def build_model(cfg: Config, vocab_size: int, backend: str = "auto", vp_stage: int | None = None) -> ProSeCoModel:
+    """One model chunk of this rank: the layers of its (virtual) pipeline stage, its vocab shard."""
     config = transformer_config(cfg)
     backend = select_backend(backend)
     model = ProSeCoModel(
         config=config,
-        transformer_layer_spec=block_spec(config, cfg.model.style, cfg.model.time_conditioning, backend),
+        transformer_layer_spec=block_spec(config, cfg.model.style, cfg.model.time_conditioning, backend, vp_stage),
         vocab_size=padded_vocab_size(vocab_size, cfg.parallel.tp),
         max_sequence_length=cfg.model.max_sequence_length,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         rotary_base=cfg.model.rotary_base,
+        vp_stage=vp_stage,
     )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     model.backend = backend
     return model
+
+
+def build_model_chunks(cfg: Config, vocab_size: int, backend: str = "auto") -> list:
+    """All model chunks of this rank: one, or `parallel.vpp` with the interleaved pipeline."""
+    if cfg.parallel.vpp is None:
+        return [build_model(cfg, vocab_size, backend)]
+    return [build_model(cfg, vocab_size, backend, vp_stage=i) for i in range(cfg.parallel.vpp)]

@@ -6,11 +6,14 @@ causal mask anywhere: every spec here builds megatron-core's attention with
 
 Two backends, chosen automatically (`select_backend`):
   local  megatron-core's own tensor-parallel linears and DotProductAttention; runs on CPU.
+The attention projections (QKV, output) never have a bias; the MLP has one in the DiT style.
   te     Transformer Engine linears and fused attention (GPU). The norm stays a separate module
          (not TE's fused LayerNorm+Linear) because adaLN modulates the norm's output before
          the QKV projection.
 """
 from __future__ import annotations
+
+import functools
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -45,6 +48,19 @@ def select_backend(requested: str = "auto") -> str:
     return requested
 
 
+@functools.cache
+def _no_bias(linear_class):
+    """The same linear layer, never with a bias: the reference DiT has biases in its MLP but
+    none on the attention projections, while megatron's `add_bias_linear` covers both."""
+
+    class NoBias(linear_class):
+        def __init__(self, *args, bias: bool = False, **kwargs):
+            super().__init__(*args, bias=False, **kwargs)
+
+    NoBias.__name__ = f"{linear_class.__name__}NoBias"
+    return NoBias
+
+
 def _linears(backend: str):
     if backend == "te":
         from megatron.core.extensions.transformer_engine import (
@@ -55,6 +71,7 @@ def _linears(backend: str):
 
         return TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention
     return ColumnParallelLinear, RowParallelLinear, DotProductAttention
+
 
 
 def layer_spec(style: str, time_conditioning: str, backend: str = "local") -> ModuleSpec:
@@ -69,9 +86,9 @@ def layer_spec(style: str, time_conditioning: str, backend: str = "local") -> Mo
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.no_mask},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=column,
+                    linear_qkv=_no_bias(column),
                     core_attention=core_attention,
-                    linear_proj=row,
+                    linear_proj=_no_bias(row),
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,
                 ),

@@ -53,14 +53,14 @@ class ProSeCoModel(GPTModel):
         self.time_conditioning = config.time_conditioning
         if self.time_conditioning == "adaln":
             self.time_embedder = TimestepEmbedder(config, config.time_embedding_dim, config.time_embedder_seed)
-            if not pre_process:
-                # Every stage holds a copy; count it once in the gradient norm (see grads.py).
-                for param in self.time_embedder.parameters():
-                    param.shared = True
-                    param.pipeline_shared = True
-            else:
-                for param in self.time_embedder.parameters():
-                    param.pipeline_shared = True
+            # Every (virtual) stage holds a copy; count only the first one in the gradient norm.
+            # `shared_embedding` gives each of these parameters its own DDP bucket (megatron's
+            # rule for tied embeddings), so under the distributed optimizer every stage shards
+            # them identically and the pipeline all-reduce of grads.py adds matching slices.
+            for param in self.time_embedder.parameters():
+                param.pipeline_shared = True
+                param.shared = not pre_process
+                param.shared_embedding = True
             if post_process:
                 self.final_modulation = AdaLNModulation(config, config.time_embedding_dim, chunks=2)
 

@@ -74,7 +74,7 @@ def global_parameter_names(model: torch.nn.Module) -> dict[str, torch.nn.Paramet
             if prefix in layer_prefixes:
                 name = ".".join([layer_prefixes[prefix]] + parts[cut:])
                 break
-        if getattr(param, "shared_embedding", False):
+        if name == "output_layer.weight" and getattr(param, "shared_embedding", False):
             name = EMBEDDING_NAME
         names[name] = param
     return names

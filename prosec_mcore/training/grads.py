@@ -19,18 +19,30 @@ def _grad_of(param):
 
 
 def allreduce_pipeline_shared_grads(model_chunks) -> None:
+    """Give every copy of a pipeline-shared parameter the sum of all copies' gradients.
+
+    Copies are matched by parameter name: first summed over this rank's model chunks (the
+    interleaved pipeline holds several), then over the pipeline group.
+    """
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return
-    grads = [_grad_of(p) for chunk in model_chunks for p in chunk.parameters() if getattr(p, "pipeline_shared", False)]
-    grads = [g for g in grads if g is not None]
-    if not grads:
+    copies: dict = {}
+    for chunk in model_chunks:
+        for name, param in chunk.named_parameters():
+            grad = _grad_of(param)
+            if getattr(param, "pipeline_shared", False) and grad is not None:
+                copies.setdefault(name.removeprefix("module."), []).append(grad)
+    if not copies:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    names = sorted(copies)  # the same order on every rank
+    flat = torch.cat([torch.stack(copies[n]).sum(0).reshape(-1) for n in names])
     torch.distributed.all_reduce(flat, group=parallel_state.get_pipeline_model_parallel_group())
     offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    for name in names:
+        numel = copies[name][0].numel()
+        for grad in copies[name]:
+            grad.copy_(flat[offset:offset + numel].view_as(grad))
+        offset += numel
 
 
 def finalize_prosec_grads(model, num_tokens=None, pg_collection=None, force_all_reduce=False):

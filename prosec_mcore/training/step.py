@@ -41,11 +41,13 @@ REPORT_KEYS = (
 
 
 class _PhaseClock:
-    """Wall-clock seconds per phase (synchronising the GPU so that kernels are counted)."""
+    """Wall-clock seconds per phase, for benchmarks: synchronises the GPU at every lap so that
+    kernels are counted, which is why training leaves it off (`enabled=False` records nothing)."""
 
-    def __init__(self):
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
         self.laps: dict = {}
-        self._last = self._now()
+        self._last = self._now() if enabled else 0.0
 
     @staticmethod
     def _now():
@@ -54,6 +56,8 @@ class _PhaseClock:
         return time.perf_counter()
 
     def lap(self, name: str) -> None:
+        if not self.enabled:
+            return
         now = self._now()
         self.laps[name] = now - self._last
         self._last = now
@@ -101,6 +105,8 @@ class ProSeCoStep:
         self.micro_batch_size = micro_batch_size
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self._invalid = None
+        self.time_phases = False  # benchmarks set it to fill `last_timings`
+        self.last_timings: dict = {}
 
     # ----------------------------------------------------------------- loss functions (last stage)
     def _invalid_ids(self, logits):
@@ -127,7 +133,8 @@ class ProSeCoStep:
     # ----------------------------------------------------------------- schedule passes
     def _run_pass(self, items, forward_only: bool, first_of_two: bool):
         """One call of megatron's schedule over `items` = [(model_input, sigma, loss_fn), ...]."""
-        iterator = iter(items)
+        # The interleaved schedule reads one iterator per model chunk, each over all micro-batches.
+        iterator = iter(items) if len(self.model) == 1 else [iter(items) for _ in self.model]
 
         def forward_step(data_iterator, model):
             model_input, sigma, loss_fn = next(data_iterator)
@@ -173,11 +180,11 @@ class ProSeCoStep:
     def run(self, microbatches: list, noise: NoiseSettings, forward_only: bool = False, with_corrector=None) -> dict:
         """Forward (and backward unless forward_only) of one global batch; returns global metrics.
 
-        `self.last_timings` keeps the seconds spent in each phase (noise, mdm_pass, handoff,
-        sc_pass) for the benchmark tools.
+        With `self.time_phases` set, `self.last_timings` keeps the seconds spent in each phase
+        (noise, mdm_pass, handoff, sc_pass) for the benchmark tools.
         """
         with_corrector = self.objective == "proseco" if with_corrector is None else with_corrector
-        clock = _PhaseClock()
+        clock = _PhaseClock(self.time_phases)
         noised = [noise_microbatch(mb, self.schedule, noise, self.mask_id, self.device) for mb in microbatches]
         clock.lap("noise")
         store: dict = {}

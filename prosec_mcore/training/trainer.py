@@ -24,7 +24,7 @@ from ..data import build_datasets, build_tokenizer, make_batch_iterator
 from ..diffusion.losses import LossOptions
 from ..diffusion.noise import STREAM_TRAIN_MASK, STREAM_TRAIN_TIME, STREAM_VALID_MASK, STREAM_VALID_TIME
 from ..diffusion.schedules import build_schedule
-from ..model.builder import build_model, padded_vocab_size, params_dtype
+from ..model.builder import build_model_chunks, padded_vocab_size, params_dtype
 from ..runtime import describe_cpu_compat, initialize_distributed
 from ..runtime.init import init_weights_layout_independent
 from .grads import finalize_prosec_grads
@@ -46,13 +46,42 @@ class Trainer:
         self.cfg = cfg
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         validate_config(cfg, world_size)
-        initialize_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.train.seed)
+        initialize_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, seed=cfg.train.seed)
         self.rank = torch.distributed.get_rank()
         self.is_logger = self.rank == 0
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
 
         prefix, tok_path = resolve_data_paths(cfg)
+        try:  # the data layer reports bad input (vocabulary/data mismatch, empty data) as ValueError
+            self._build_data(cfg, prefix, tok_path)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+
+        t = cfg.train
+        self.model = build_model_chunks(cfg, self.vocab_size)
+        init_weights_layout_independent(self.model, seed=t.seed)
+        self.tconfig = self.model[0].config
+        self.model = wrap_ddp(self.model, self.tconfig)
+        self.tconfig.finalize_model_grads_func = finalize_prosec_grads
+        self.tconfig.no_sync_func = self.model[0].no_sync if len(self.model) == 1 else [m.no_sync for m in self.model]
+        self.bf16 = params_dtype(t.precision) == torch.bfloat16
+        self.optimizer, self.scheduler = build_optimizer(self.model, t, self.bf16)
+
+        o = cfg.objective
+        self.loss_opts = LossOptions(o.lambda_mdm, o.lambda_sc, o.corrector_input, o.errors_upweighted,
+                                     o.weighted_corrector_loss)
+        self.step = ProSeCoStep(self.model, self.tconfig, o.name, self.loss_opts,
+                                build_schedule(o.schedule, o.schedule_eps), self.mask_id, self.vocab_size,
+                                cfg.data.seq_length, t.micro_batch_size)
+        self.logger = MetricsLogger(cfg.run_dir, t.iters, enabled=self.is_logger,
+                                    tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
+                                    wandb_project=cfg.logging.wandb_project, wandb_mode=cfg.logging.wandb_mode,
+                                    config_dict=config_to_dict(cfg))
+        self._print_startup(prefix, tok_path)
+
+    # ------------------------------------------------------------------ helpers
+    def _build_data(self, cfg: Config, prefix: str, tok_path):
         self.tokenizer = build_tokenizer(cfg.data.tokenizer.kind, tok_path)
         vocab = self.tokenizer.vocab_size
         if cfg.model.vocab_size is not None and cfg.model.vocab_size != vocab:
@@ -70,35 +99,14 @@ class Trainer:
             (t.iters * t.global_batch_size, eval_samples, 0), os.path.join(cfg.run_dir, "dataset_cache"),
         )
 
-        self.model = [build_model(cfg, vocab)]
-        init_weights_layout_independent(self.model, seed=t.seed)
-        self.tconfig = self.model[0].config
-        self.model = wrap_ddp(self.model, self.tconfig)
-        self.tconfig.finalize_model_grads_func = finalize_prosec_grads
-        self.tconfig.no_sync_func = self.model[0].no_sync if len(self.model) == 1 else [m.no_sync for m in self.model]
-        self.bf16 = params_dtype(t.precision) == torch.bfloat16
-        self.optimizer, self.scheduler = build_optimizer(self.model, t, self.bf16)
-
-        o = cfg.objective
-        self.loss_opts = LossOptions(o.lambda_mdm, o.lambda_sc, o.corrector_input, o.errors_upweighted,
-                                     o.weighted_corrector_loss)
-        self.step = ProSeCoStep(self.model, self.tconfig, o.name, self.loss_opts,
-                                build_schedule(o.schedule, o.schedule_eps), self.mask_id, vocab,
-                                cfg.data.seq_length, t.micro_batch_size)
-        self.logger = MetricsLogger(cfg.run_dir, t.iters, enabled=self.is_logger,
-                                    tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
-                                    wandb_project=cfg.logging.wandb_project, wandb_mode=cfg.logging.wandb_mode,
-                                    config_dict=config_to_dict(cfg))
-        self._print_startup(prefix, tok_path)
-
-    # ------------------------------------------------------------------ helpers
     def _print_startup(self, prefix, tok_path):
         if not self.is_logger:
             return
         n_params = sum(p.numel() for m in self.model for p in m.parameters())
         cfg = self.cfg
         print(f"[prosec] device={'cuda' if torch.cuda.is_available() else 'cpu'} world={torch.distributed.get_world_size()} "
-              f"tp={cfg.parallel.tp} pp={cfg.parallel.pp} dp={self.dp_size} sp={cfg.parallel.sequence_parallel} "
+              f"tp={cfg.parallel.tp} pp={cfg.parallel.pp}{f' vpp={cfg.parallel.vpp}' if cfg.parallel.vpp else ''} "
+              f"dp={self.dp_size} sp={cfg.parallel.sequence_parallel} "
               f"backend={self.model[0].module.backend} dtype={'bf16' if self.bf16 else 'fp32'}", flush=True)
         patches = describe_cpu_compat()
         if patches:
@@ -146,7 +154,9 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict:
-        """Validation NELBO (and its perplexity bound exp(NELBO)) and the corrector NLL."""
+        """Validation NELBO per token (the MDM loss at eps_valid; exp(NELBO) bounds the perplexity),
+        the corrector's loss on its own argmax input (as trained, w(t)-weighted) and its plain
+        NLL, the mean -log p_theta(x | y) per token."""
         for chunk in self.model:
             chunk.eval()
         iterator = self._batches(self.valid_ds)
@@ -154,11 +164,12 @@ class Trainer:
         for _ in range(self.cfg.train.eval_iters):
             m = self.step.run(self._next_microbatches(iterator), self._noise(valid=True), forward_only=True,
                               with_corrector=True)
-            for key in ("mdm_loss", "corrector_nll", "corrector_accuracy_on_errors"):
+            for key in ("mdm_loss", "sc_loss", "corrector_nll", "corrector_accuracy_on_errors"):
                 totals[key] = totals.get(key, 0.0) + m[key] / self.cfg.train.eval_iters
         return {
             "valid_nelbo": totals["mdm_loss"],
             "valid_ppl_bound": math.exp(min(totals["mdm_loss"], 50.0)),
+            "valid_sc_loss": totals["sc_loss"],
             "valid_corrector_nll": totals["corrector_nll"],
             "valid_corrector_accuracy_on_errors": totals["corrector_accuracy_on_errors"],
         }

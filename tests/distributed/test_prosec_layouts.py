@@ -32,6 +32,7 @@ LAYOUTS = {  # name: (nproc, overrides)
     "dp2": (2, []),
     "tp2_sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
     "pp4": (4, ["parallel.pp=4"]),
+    "pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2"]),
 }
 
 

@@ -74,3 +74,20 @@ def test_world_size_not_divisible_by_tp_times_pp(shakespeare_corpus, tmp_path):
     result = pretrain(["--tp", "2"] + shakespeare_corpus + [f"run_dir={tmp_path}"], launcher=launcher, timeout=180)
     assert result.returncode != 0
     assert "world size 3 is not divisible by tp*pp = 2*1 = 2" in result.stderr
+
+
+def test_torchrun_tp4_pp2_on_eight_processes_matches_single_process(shakespeare_corpus, tmp_path):
+    """The issue's command line, on CPU: 8 ranks (TP=4 x PP=2) train what one process trains."""
+    common = shakespeare_corpus + ["model=tiny", "objective=proseco", "data.seq_length=32", "train.iters=3",
+                                   "train.global_batch_size=4", "train.micro_batch_size=2",
+                                   "train.lr_warmup_iters=0", "train.eval_interval=0", "logging.tensorboard=false"]
+    single = pretrain(common + [f"run_dir={tmp_path / 'single'}"])
+    assert single.returncode == 0, single.stderr[-3000:]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "8"]
+    multi = pretrain(["--tp", "4", "--pp", "2"] + common + [f"run_dir={tmp_path / 'multi'}"],
+                     launcher=launcher, timeout=600)
+    assert multi.returncode == 0, multi.stdout[-3000:] + multi.stderr[-3000:]
+    assert "tp=4 pp=2 dp=1" in multi.stdout
+    for got, want in zip(metrics(tmp_path / "multi"), metrics(tmp_path / "single"), strict=True):
+        for key in ("loss", "mdm_loss", "sc_loss", "grad_norm"):
+            assert got[key] == pytest.approx(want[key], rel=2e-5), (got["iteration"], key)

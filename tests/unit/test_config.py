@@ -33,12 +33,13 @@ def test_tiny_preset_is_valid_for_every_tp_and_pp_up_to_4(tp, pp):
     (["data.seq_length=4096"], 1, "data.seq_length=4096 exceeds the model's maximum model.max_sequence_length=128"),
     (["train.global_batch_size=12", "train.micro_batch_size=8"], 1, "global_batch_size=12 is not divisible"),
     (["parallel.sequence_parallel=true"], 1, "sequence_parallel=true needs --tp > 1"),
+    (["train.precision=bf16"], 1, "train.precision=bf16 needs a GPU"),
     (["objective.corrector_input=everywhere"], 1, "objective.corrector_input='everywhere' is not one of all, masked"),
 ])
 def test_impossible_settings_are_refused_with_a_clear_message(overrides, world, message):
     cfg = load_config(overrides)
     with pytest.raises(ConfigError) as err:
-        validate_config(cfg, world_size=world)
+        validate_config(cfg, world_size=world, cuda_available=False)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
 
