@@ -109,6 +109,7 @@ class TrainConfig:
     log_interval: int = 10
     eval_interval: int = 100  # 0 disables periodic validation
     eval_iters: int = 4
+    exit_interval: int = 0  # save and exit after an iteration divisible by this (0: off), as Megatron-LM
 
 
 @dataclass
@@ -117,6 +118,24 @@ class ParallelConfig:
     pp: int = 1
     vpp: Optional[int] = None  # virtual (interleaved) pipeline stages per pipeline rank
     sequence_parallel: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    """Distributed checkpoints (training/checkpoint.py).
+
+    save_dir: None -> <run_dir>/checkpoints. save_interval: iterations between saves (0: no
+    periodic saves). A run whose save_dir holds a complete checkpoint resumes from the newest
+    one (`resume`); `load` names a checkpoint directory explicitly and wins over `resume`.
+    SIGTERM / SIGUSR1 (SLURM's pre-emption warnings) make the job save and exit cleanly.
+    """
+
+    save_dir: Optional[str] = None
+    save_interval: int = 0
+    keep_last: int = 3
+    load: Optional[str] = None
+    resume: bool = True
+    save_on_exit_signal: bool = True
 
 
 @dataclass
@@ -135,6 +154,7 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 

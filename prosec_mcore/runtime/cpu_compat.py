@@ -78,6 +78,8 @@ _DEVICE_MODULES = {
     "megatron.core.optimizer.clip_grads": "grad-norm reduction tensors",
     "megatron.core.pipeline_parallel.schedules": "token counters",
     "megatron.core.pipeline_parallel.p2p_communication": "shape buffers, synchronize",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": "checkpoint write: synchronize",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver": "checkpoint plan-reuse / failure flags",
 }
 
 _APPLIED: list[str] = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 
 import torch
@@ -27,6 +28,7 @@ from ..diffusion.schedules import build_schedule
 from ..model.builder import build_model_chunks, padded_vocab_size, params_dtype
 from ..runtime import describe_cpu_compat, initialize_distributed
 from ..runtime.init import init_weights_layout_independent
+from .checkpoint import find_latest, load_checkpoint, save_checkpoint
 from .grads import finalize_prosec_grads
 from .metrics_logger import MetricsLogger
 from .optim import build_optimizer, wrap_ddp
@@ -79,6 +81,49 @@ class Trainer:
                                     wandb_project=cfg.logging.wandb_project, wandb_mode=cfg.logging.wandb_mode,
                                     config_dict=config_to_dict(cfg))
         self._print_startup(prefix, tok_path)
+        self.save_dir = cfg.checkpoint.save_dir or os.path.join(cfg.run_dir, "checkpoints")
+        self.start_iteration = self._maybe_resume()
+        self._exit_signal = None
+        if cfg.checkpoint.save_on_exit_signal:
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, self._on_exit_signal)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _maybe_resume(self) -> int:
+        ck = self.cfg.checkpoint
+        path = ck.load
+        if path is not None and not os.path.isdir(path):
+            raise FileNotFoundError(f"checkpoint.load={path} does not exist")
+        if path is None and ck.resume:
+            path = find_latest(self.save_dir)
+        if path is None:
+            return 0
+        iteration, rng_restored = load_checkpoint(self, path)
+        if self.is_logger:
+            note = "" if rng_restored else " (new parallel layout: per-rank RNG states not restored)"
+            print(f"[prosec] resumed from {path} at iteration {iteration}{note}", flush=True)
+        return iteration
+
+    def _on_exit_signal(self, signum, frame):
+        self._exit_signal = signal.Signals(signum).name
+
+    def _exit_reason(self, iteration: int) -> str | None:
+        """Why to stop after this iteration: a signal on any rank (all ranks must stop at the same
+        iteration, hence the all-reduce) or train.exit_interval."""
+        flag = torch.tensor([1.0 if self._exit_signal else 0.0], device=self.step.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item():
+            return self._exit_signal or "exit signal on another rank"
+        interval = self.cfg.train.exit_interval
+        if interval and iteration % interval == 0 and iteration < self.cfg.train.iters:
+            return f"train.exit_interval={interval}"
+        return None
+
+    def save(self, iteration: int) -> str:
+        path = save_checkpoint(self, iteration, self.save_dir, self.cfg.checkpoint.keep_last)
+        if self.is_logger:
+            print(f"[prosec] saved checkpoint {path}", flush=True)
+        return path
 
     # ------------------------------------------------------------------ helpers
     def _build_data(self, cfg: Config, prefix: str, tok_path):
@@ -174,8 +219,10 @@ class Trainer:
             "valid_corrector_accuracy_on_errors": totals["corrector_accuracy_on_errors"],
         }
 
-    def train(self, start_iteration: int = 0) -> None:
+    def train(self, start_iteration: int | None = None) -> None:
         t = self.cfg.train
+        ck = self.cfg.checkpoint
+        start_iteration = self.start_iteration if start_iteration is None else start_iteration
         iterator = self._batches(self.train_ds, start_iteration)
         tokens_per_iter = t.global_batch_size * self.cfg.data.seq_length
         window_start, window_iters = time.time(), 0
@@ -193,6 +240,18 @@ class Trainer:
             console = iteration % t.log_interval == 0 or iteration == t.iters or iteration == start_iteration + 1
             sec_per_iter = (time.time() - window_start) / window_iters
             self.logger.log(record, console=console, seconds_per_iter=sec_per_iter)
+            saved = False
+            if ck.save_interval and (iteration % ck.save_interval == 0 or iteration == t.iters):
+                self.save(iteration)
+                saved = True
+            exit_reason = self._exit_reason(iteration)
+            if exit_reason:
+                if not saved:
+                    self.save(iteration)
+                if self.is_logger:
+                    print(f"[prosec] {exit_reason}: saved iteration {iteration} and stopped; "
+                          f"run the same command again to resume", flush=True)
+                break
         if self.is_logger:
             print(f"[prosec] done: {t.iters} iterations. metrics: {self.logger.path}"
                   + (f" | tensorboard: {os.path.join(self.cfg.run_dir, 'tensorboard')}" if self.cfg.logging.tensorboard else ""),

@@ -1,0 +1,194 @@
+"""Distributed checkpoints: megatron-core `dist_checkpointing` (torch_dist), crash-safe and reshardable.
+
+On disk, under `checkpoint.save_dir` (default `<run_dir>/checkpoints`):
+
+    iter_0000100/           one checkpoint: the torch_dist shards of every rank, megatron's
+                            metadata.json and common.pt, and COMPLETE (our marker, last)
+    latest                  the name of the newest COMPLETE checkpoint (replaced atomically)
+
+A checkpoint counts only once COMPLETE exists, and COMPLETE is written by rank 0 after every rank
+has finished writing its shards (a barrier), then `latest` is switched with an atomic rename. A
+crash or `kill -9` at any moment of a save therefore leaves the previous checkpoint as latest;
+a leftover partial directory is ignored when loading and replaced by the next save.
+
+What a checkpoint holds: the model (sharded tensors keyed by global names, so any TP/PP/DP layout
+can load them), the optimizer state mapped onto the model's shards (megatron's reshardable
+format; the distributed optimizer saves `fully_sharded_model_space`), the LR scheduler, the
+iteration (the data position and the diffusion noise are pure functions of it), every rank's RNG
+states (restored only when the layout is unchanged: dropout streams are per rank), and the
+resolved run configuration.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+
+import numpy as np
+import torch
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from ..config import ConfigError
+
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+# Model settings that must match between a checkpoint and the run that loads it.
+SHAPE_KEYS = ("style", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+              "ffn_hidden_size", "time_conditioning", "time_embedding_dim")
+
+
+def checkpoint_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def layout() -> dict:
+    return {"tp": parallel_state.get_tensor_model_parallel_world_size(),
+            "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+            "dp": parallel_state.get_data_parallel_world_size()}
+
+
+def is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, COMPLETE))
+
+
+def find_latest(save_dir: str) -> str | None:
+    """The newest complete checkpoint in `save_dir` (following `latest`, else scanning)."""
+    pointer = os.path.join(save_dir, LATEST)
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            path = os.path.join(save_dir, f.read().strip())
+        if is_complete(path):
+            return path
+    if not os.path.isdir(save_dir):
+        return None
+    complete = sorted(d for d in os.listdir(save_dir) if d.startswith("iter_") and is_complete(os.path.join(save_dir, d)))
+    return os.path.join(save_dir, complete[-1]) if complete else None
+
+
+def _rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded_state_dict(trainer, is_loading: bool, with_rng: bool) -> dict:
+    chunks = [chunk.module for chunk in trainer.model]  # unwrap DDP: keys are the model's own names
+    model_sd = {}
+    if len(chunks) == 1:
+        model_sd["model"] = chunks[0].sharded_state_dict()
+    else:
+        for i, chunk in enumerate(chunks):
+            model_sd[f"model{i}"] = chunk.sharded_state_dict()
+    state = dict(model_sd)
+    state["optimizer"] = trainer.optimizer.sharded_state_dict(
+        model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_sharded_model_space"})
+    if with_rng:
+        pp, tp, dp = (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank(),
+                      parallel_state.get_data_parallel_rank())
+        lay = layout()
+        state["rng_state"] = ShardedObject("rng_state", _rng_state(), (lay["pp"], lay["tp"], lay["dp"]), (pp, tp, dp),
+                                           replica_id=0)
+    return state
+
+
+def save_checkpoint(trainer, iteration: int, save_dir: str, keep_last: int) -> str:
+    """Write checkpoint `iteration` on every rank; returns its path once it is COMPLETE."""
+    from ..config_loader import config_to_dict
+
+    path = os.path.join(save_dir, checkpoint_name(iteration))
+    rank0 = torch.distributed.get_rank() == 0
+    if rank0:
+        if os.path.exists(path):  # a partial save of this iteration from a crashed run
+            shutil.rmtree(path)
+        os.makedirs(path)
+    torch.distributed.barrier()
+    start = time.time()
+    state = _sharded_state_dict(trainer, is_loading=False, with_rng=True)
+    state["iteration"] = iteration
+    state["scheduler"] = trainer.scheduler.state_dict()
+    state["layout"] = layout()
+    state["config"] = config_to_dict(trainer.cfg)
+    state["vocab_size"] = trainer.vocab_size
+    dist_checkpointing.save(state, path)
+    _fault_injection("after_shards", iteration)
+    torch.distributed.barrier()  # every rank has written its shards
+    if rank0:
+        with open(os.path.join(path, COMPLETE), "w") as f:
+            json.dump({"iteration": iteration, "layout": layout(), "seconds": time.time() - start}, f)
+        tmp = os.path.join(save_dir, LATEST + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(checkpoint_name(iteration))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(save_dir, LATEST))
+        _prune(save_dir, keep_last)
+    torch.distributed.barrier()
+    return path
+
+
+def _prune(save_dir: str, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    complete = sorted(d for d in os.listdir(save_dir) if d.startswith("iter_") and is_complete(os.path.join(save_dir, d)))
+    for name in complete[:-keep_last]:
+        shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
+
+
+def _fault_injection(point: str, iteration: int) -> None:
+    """Test hook: PROSEC_FAULT_INJECTION=<point>:<iteration> kills the process there, as
+    `kill -9` would (tests/distributed/test_checkpoints.py)."""
+    if os.environ.get("PROSEC_FAULT_INJECTION") == f"{point}:{iteration}":
+        os._exit(137)
+
+
+def check_compatible(saved_cfg: dict, cfg, vocab_size: int, path: str) -> None:
+    """Refuse a checkpoint of another model shape or vocabulary, naming the mismatch."""
+    saved_model = saved_cfg["model"]
+    for key in SHAPE_KEYS:
+        if saved_model.get(key) != getattr(cfg.model, key):
+            raise ConfigError(f"checkpoint {path} has model.{key}={saved_model.get(key)!r} but this run has "
+                              f"{getattr(cfg.model, key)!r}; load it with the same model settings")
+    saved_vocab = saved_cfg.get("vocab_size")
+    if saved_vocab is not None and saved_vocab != vocab_size:
+        raise ConfigError(f"checkpoint {path} was trained with a vocabulary of {saved_vocab} tokens but this run's "
+                          f"tokenizer has {vocab_size}; use the checkpoint's tokenizer")
+
+
+def load_checkpoint(trainer, path: str) -> tuple[int, bool]:
+    """Load model, optimizer, scheduler (and RNG if the layout is unchanged).
+
+    Returns (iteration, whether the RNG states were restored)."""
+    if not is_complete(path):
+        raise ConfigError(f"{path} is not a complete checkpoint (no {COMPLETE} marker: the save was interrupted); "
+                          f"point checkpoint.load at a complete one")
+    common = dist_checkpointing.load_common_state_dict(path)
+    check_compatible(common["config"] | {"vocab_size": common.get("vocab_size")}, trainer.cfg, trainer.vocab_size, path)
+    same_layout = common["layout"] == layout()
+    template = _sharded_state_dict(trainer, is_loading=True, with_rng=same_layout)
+    loaded = dist_checkpointing.load(template, path)
+    if len(trainer.model) == 1:
+        trainer.model[0].module.load_state_dict(loaded["model"])
+    else:
+        for i, chunk in enumerate(trainer.model):
+            chunk.module.load_state_dict(loaded[f"model{i}"])
+    trainer.optimizer.load_state_dict(loaded["optimizer"])
+    trainer.scheduler.load_state_dict(common["scheduler"])
+    if same_layout:
+        _set_rng_state(loaded["rng_state"])
+    return int(common["iteration"]), same_layout
