@@ -21,27 +21,30 @@ def mark_sequence_parallel(module: torch.nn.Module, enabled: bool) -> None:
         setattr(param, "sequence_parallel", enabled)
 
 
-class LayerNormNoBias(torch.nn.Module):
+class _ScaledNorm(torch.nn.Module):
+    """y = normalize(x) * weight, computed in float32 and returned in the input's dtype."""
+
     def __init__(self, config, hidden_size: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
         mark_sequence_parallel(self, config.sequence_parallel)
 
-    def forward(self, x):
-        return F.layer_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype) * self.weight
-
-
-class RMSNorm(torch.nn.Module):
-    def __init__(self, config, hidden_size: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
-        mark_sequence_parallel(self, config.sequence_parallel)
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return self._normalize(x.float()).to(x.dtype) * self.weight
+
+
+class LayerNormNoBias(_ScaledNorm):
+    def _normalize(self, x):
+        return F.layer_norm(x, x.shape[-1:], eps=self.eps)
+
+
+class RMSNorm(_ScaledNorm):
+    def _normalize(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
 
 
 def norm_class(style: str):
