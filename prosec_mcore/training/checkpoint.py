@@ -129,17 +129,22 @@ def save_checkpoint(trainer, iteration: int, save_dir: str, keep_last: int) -> s
     _fault_injection("after_shards", iteration)
     torch.distributed.barrier()  # every rank has written its shards
     if rank0:
-        with open(os.path.join(path, COMPLETE), "w") as f:
-            json.dump({"iteration": iteration, "layout": layout(), "seconds": time.time() - start}, f)
-        tmp = os.path.join(save_dir, LATEST + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(checkpoint_name(iteration))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(save_dir, LATEST))
+        mark_complete(save_dir, iteration, {"layout": layout(), "seconds": time.time() - start})
         _prune(save_dir, keep_last)
     torch.distributed.barrier()
     return path
+
+
+def mark_complete(save_dir: str, iteration: int, info: dict) -> None:
+    """Rank 0, after every rank has written: COMPLETE in the checkpoint, then `latest` -> it."""
+    with open(os.path.join(save_dir, checkpoint_name(iteration), COMPLETE), "w") as f:
+        json.dump({"iteration": iteration, **info}, f)
+    tmp = os.path.join(save_dir, LATEST + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(checkpoint_name(iteration))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(save_dir, LATEST))
 
 
 def _prune(save_dir: str, keep_last: int) -> None:
@@ -179,6 +184,13 @@ def load_checkpoint(trainer, path: str) -> tuple[int, bool]:
                           f"point checkpoint.load at a complete one")
     common = dist_checkpointing.load_common_state_dict(path)
     check_compatible(common["config"] | {"vocab_size": common.get("vocab_size")}, trainer.cfg, trainer.vocab_size, path)
+    if common.get("model_only"):  # e.g. imported from Hugging Face: weights only, training starts at 0
+        template = {f"model{i}": chunk.module.sharded_state_dict() for i, chunk in enumerate(trainer.model)}
+        loaded = dist_checkpointing.load(template, path)
+        for i, chunk in enumerate(trainer.model):
+            chunk.module.load_state_dict(loaded[f"model{i}"])
+        trainer.optimizer.reload_model_params()  # the optimizer's fp32 main copies, when there are any
+        return 0, False
     same_layout = common["layout"] == layout()
     template = _sharded_state_dict(trainer, is_loading=True, with_rng=same_layout)
     loaded = dist_checkpointing.load(template, path)

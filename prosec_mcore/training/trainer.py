@@ -226,6 +226,7 @@ class Trainer:
         iterator = self._batches(self.train_ds, start_iteration)
         tokens_per_iter = t.global_batch_size * self.cfg.data.seq_length
         window_start, window_iters = time.time(), 0
+        iteration = start_iteration
         for iteration in range(start_iteration + 1, t.iters + 1):
             begin = time.time()
             metrics = self.train_step(self._next_microbatches(iterator))
@@ -253,7 +254,8 @@ class Trainer:
                           f"run the same command again to resume", flush=True)
                 break
         if self.is_logger:
-            print(f"[prosec] done: {t.iters} iterations. metrics: {self.logger.path}"
+            state = "done" if iteration >= t.iters else "stopped"
+            print(f"[prosec] {state} at iteration {iteration}/{t.iters}. metrics: {self.logger.path}"
                   + (f" | tensorboard: {os.path.join(self.cfg.run_dir, 'tensorboard')}" if self.cfg.logging.tensorboard else ""),
                   flush=True)
         self.logger.close()

@@ -1,0 +1,125 @@
+"""Convert between distributed checkpoints and Hugging Face folders (the DiT family).
+
+export: a dist checkpoint saved at any TP/PP/DP layout is loaded into one TP=1 PP=1 model
+        (dist_checkpointing reshards), mapped by dit_bridge.py, and written as a folder that
+        `AutoModelForMaskedLM.from_pretrained(path, trust_remote_code=True)` loads:
+        config.json, model.safetensors, configuration_/modeling_proseco.py, tokenizer files.
+import: a Hugging Face folder becomes a model-only dist checkpoint (iteration 0) that a
+        training run continues from with `checkpoint.load=<dir>`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+from megatron.core import dist_checkpointing
+from omegaconf import OmegaConf
+
+from ..config import Config
+from ..config_loader import config_to_dict, load_config
+from ..model.builder import build_model, padded_vocab_size
+from ..training.checkpoint import checkpoint_name, find_latest, is_complete, layout, mark_complete
+from . import dit_bridge
+
+MODELING_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dit")
+MODELING_FILES = ("configuration_proseco.py", "modeling_proseco.py")
+
+
+def _single_process_world():
+    from ..runtime import initialize_distributed
+
+    if not torch.distributed.is_initialized():
+        initialize_distributed(tp=1, pp=1)
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint directory itself, or a save_dir / run_dir holding checkpoints (its latest)."""
+    for candidate in (path, os.path.join(path, "checkpoints")):
+        if is_complete(candidate):
+            return candidate
+        latest = find_latest(candidate) if os.path.isdir(candidate) else None
+        if latest:
+            return latest
+    raise FileNotFoundError(f"no complete checkpoint at {path} (expected a directory with a COMPLETE marker, "
+                            f"or a run directory whose checkpoints/ holds one)")
+
+
+def _state(model) -> dict:
+    return {name: p for name, p in model.state_dict().items() if not name.endswith("_extra_state")}
+
+
+def export_to_hf(checkpoint: str, out_dir: str) -> dict:
+    path = resolve_checkpoint(checkpoint)
+    common = dist_checkpointing.load_common_state_dict(path)
+    cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), common["config"]))
+    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, cfg.parallel.sequence_parallel = 1, 1, None, False
+    vocab = common["vocab_size"]
+    hf_config = dit_bridge.hf_config(cfg.model, vocab, cfg.model.max_sequence_length)
+    _single_process_world()
+    model = build_model(cfg, vocab)
+    model.load_state_dict(dist_checkpointing.load({"model": model.sharded_state_dict()}, path)["model"])
+    tensors = dit_bridge.megatron_to_hf(_state(model), cfg.model.num_layers, cfg.model.num_attention_heads, vocab)
+
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    for name in MODELING_FILES:
+        shutil.copy(os.path.join(MODELING_DIR, name), os.path.join(out_dir, name))
+    tokenizer = _save_tokenizer(cfg, out_dir)
+    return {"checkpoint": path, "iteration": common["iteration"], "out_dir": out_dir,
+            "tensors": len(tensors), "tokenizer": tokenizer}
+
+
+def _save_tokenizer(cfg: Config, out_dir: str) -> str | None:
+    from ..data import build_tokenizer
+    from ..training.trainer import resolve_data_paths
+
+    _, tok_path = resolve_data_paths(cfg)
+    try:
+        build_tokenizer(cfg.data.tokenizer.kind, tok_path).save(out_dir)
+        return tok_path
+    except (FileNotFoundError, ValueError):
+        return None  # the caller reports that the tokenizer was not found
+
+
+def import_from_hf(hf_dir: str, save_dir: str) -> dict:
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        hf_config = json.load(f)
+    overrides = dit_bridge.model_overrides(hf_config)
+    cfg = load_config(overrides)
+    vocab = hf_config["vocab_size"]
+    hf_state = _read_hf_weights(hf_dir)
+    _single_process_world()
+    model = build_model(cfg, vocab)
+    state = dit_bridge.hf_to_megatron(hf_state, cfg.model.num_layers, cfg.model.num_attention_heads,
+                                      padded_vocab_size(vocab))
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"weights do not fit the model: missing {missing}, unexpected {result.unexpected_keys}")
+
+    path = os.path.join(save_dir, checkpoint_name(0))
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.makedirs(path)
+    dist_checkpointing.save({"model": model.sharded_state_dict(), "iteration": 0, "config": config_to_dict(cfg),
+                             "vocab_size": vocab, "layout": layout(), "model_only": True}, path)
+    mark_complete(save_dir, 0, {"layout": layout(), "imported_from": os.path.abspath(hf_dir)})
+    return {"checkpoint": path, "overrides": overrides}
+
+
+def _read_hf_weights(hf_dir: str) -> dict:
+    safetensors_path = os.path.join(hf_dir, "model.safetensors")
+    if os.path.exists(safetensors_path):
+        from safetensors.torch import load_file
+
+        return load_file(safetensors_path)
+    bin_path = os.path.join(hf_dir, "pytorch_model.bin")
+    if os.path.exists(bin_path):
+        return torch.load(bin_path, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{hf_dir} has neither model.safetensors nor pytorch_model.bin")
