@@ -1,4 +1,4 @@
-"""Convert between distributed checkpoints and Hugging Face folders (the DiT family).
+"""Convert between distributed checkpoints and Hugging Face folders (DiT and LLaDA families).
 
 export: a dist checkpoint saved at any TP/PP/DP layout is loaded into one TP=1 PP=1 model
         (dist_checkpointing reshards), mapped by dit_bridge.py, and written as a folder that
@@ -21,10 +21,18 @@ from ..config import Config
 from ..config_loader import config_to_dict, load_config
 from ..model.builder import build_model, padded_vocab_size
 from ..training.checkpoint import checkpoint_name, find_latest, is_complete, layout, mark_complete
-from . import dit_bridge
+from . import dit_bridge, llada_bridge
 
-MODELING_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dit")
-MODELING_FILES = ("configuration_proseco.py", "modeling_proseco.py")
+HF_DIR = os.path.dirname(os.path.abspath(__file__))
+BRIDGES = {"dit": dit_bridge, "llama": llada_bridge}  # model.style -> bridge
+
+
+def bridge_for_hf(hf_config: dict):
+    for bridge in BRIDGES.values():
+        if hf_config.get("model_type") == bridge.MODEL_TYPE:
+            return bridge
+    raise ValueError(f"unsupported Hugging Face model_type {hf_config.get('model_type')!r}: "
+                     f"expected one of {', '.join(b.MODEL_TYPE for b in BRIDGES.values())}")
 
 
 def _single_process_world():
@@ -56,11 +64,12 @@ def export_to_hf(checkpoint: str, out_dir: str) -> dict:
     cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), common["config"]))
     cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, cfg.parallel.sequence_parallel = 1, 1, None, False
     vocab = common["vocab_size"]
-    hf_config = dit_bridge.hf_config(cfg.model, vocab, cfg.model.max_sequence_length)
+    bridge = BRIDGES[cfg.model.style]
+    hf_config = bridge.hf_config(cfg.model, vocab, cfg.model.max_sequence_length)
     _single_process_world()
     model = build_model(cfg, vocab)
     model.load_state_dict(dist_checkpointing.load({"model": model.sharded_state_dict()}, path)["model"])
-    tensors = dit_bridge.megatron_to_hf(_state(model), cfg.model.num_layers, cfg.model.num_attention_heads, vocab)
+    tensors = bridge.megatron_to_hf(_state(model), cfg.model, vocab)
 
     from safetensors.torch import save_file
 
@@ -68,8 +77,8 @@ def export_to_hf(checkpoint: str, out_dir: str) -> dict:
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
-    for name in MODELING_FILES:
-        shutil.copy(os.path.join(MODELING_DIR, name), os.path.join(out_dir, name))
+    for name in bridge.MODELING_FILES:
+        shutil.copy(os.path.join(HF_DIR, bridge.MODELING_SUBDIR, name), os.path.join(out_dir, name))
     tokenizer = _save_tokenizer(cfg, out_dir)
     return {"checkpoint": path, "iteration": common["iteration"], "out_dir": out_dir,
             "tensors": len(tensors), "tokenizer": tokenizer}
@@ -90,14 +99,14 @@ def _save_tokenizer(cfg: Config, out_dir: str) -> str | None:
 def import_from_hf(hf_dir: str, save_dir: str) -> dict:
     with open(os.path.join(hf_dir, "config.json")) as f:
         hf_config = json.load(f)
-    overrides = dit_bridge.model_overrides(hf_config)
+    bridge = bridge_for_hf(hf_config)
+    overrides = bridge.model_overrides(hf_config)
     cfg = load_config(overrides)
-    vocab = hf_config["vocab_size"]
+    vocab = bridge.vocab_size(hf_config)
     hf_state = _read_hf_weights(hf_dir)
     _single_process_world()
     model = build_model(cfg, vocab)
-    state = dit_bridge.hf_to_megatron(hf_state, cfg.model.num_layers, cfg.model.num_attention_heads,
-                                      padded_vocab_size(vocab))
+    state = bridge.hf_to_megatron(hf_state, cfg.model, padded_vocab_size(vocab))
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing or result.unexpected_keys:

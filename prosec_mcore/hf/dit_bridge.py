@@ -76,6 +76,10 @@ def hf_config(model_cfg, vocab_size: int, max_length: int) -> dict:
     }
 
 
+def vocab_size(config: dict) -> int:
+    return config["vocab_size"]
+
+
 def model_overrides(config: dict) -> list[str]:
     """Hydra overrides of `model.*` that rebuild the HF checkpoint's network in megatron."""
     if config.get("cfg"):
@@ -89,9 +93,15 @@ def model_overrides(config: dict) -> list[str]:
     ]
 
 
-def megatron_to_hf(state: dict, num_layers: int, heads: int, vocab_size: int) -> dict:
+MODEL_TYPE = "proseco"
+MODELING_SUBDIR = "dit"
+MODELING_FILES = ("configuration_proseco.py", "modeling_proseco.py")
+
+
+def megatron_to_hf(state: dict, model_cfg, vocab_size: int) -> dict:
+    heads = model_cfg.num_attention_heads
     out = {}
-    for m_name, h_name in name_pairs(num_layers):
+    for m_name, h_name in name_pairs(model_cfg.num_layers):
         tensor = state[m_name].detach().float().cpu()
         if m_name in VOCAB_ROWS:
             tensor = tensor[:vocab_size]
@@ -103,9 +113,10 @@ def megatron_to_hf(state: dict, num_layers: int, heads: int, vocab_size: int) ->
     return out
 
 
-def hf_to_megatron(hf_state: dict, num_layers: int, heads: int, padded_vocab: int) -> dict:
+def hf_to_megatron(hf_state: dict, model_cfg, padded_vocab: int) -> dict:
+    heads = model_cfg.num_attention_heads
     out = {}
-    for m_name, h_name in name_pairs(num_layers):
+    for m_name, h_name in name_pairs(model_cfg.num_layers):
         if h_name not in hf_state:
             raise KeyError(f"the Hugging Face checkpoint has no {h_name}: not a ProSeCo/MDLM DiT checkpoint?")
         tensor = hf_state[h_name].detach().float()

@@ -46,7 +46,7 @@ def test_export_logits_match(single_process_world, zero_timestep):
     cfg, model = megatron_model(zero_timestep)
     hf = Proseco(ProsecoConfig(**{k: v for k, v in dit_bridge.hf_config(cfg.model, VOCAB, 128).items()
                                   if k not in ("model_type", "architectures", "auto_map")})).eval()
-    missing, unexpected = hf.load_state_dict(dit_bridge.megatron_to_hf(megatron_state(model), 2, 4, VOCAB), strict=True)
+    missing, unexpected = hf.load_state_dict(dit_bridge.megatron_to_hf(megatron_state(model), cfg.model, VOCAB), strict=True)
     assert not missing and not unexpected
     sigma = torch.tensor([0.3, 2.0])
     with torch.no_grad():
@@ -66,14 +66,14 @@ def test_import_logits_match_and_round_trip_is_exact(single_process_world):
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.2)
     hf_state = hf.state_dict()
-    state = dit_bridge.hf_to_megatron(hf_state, 2, 4, padded_vocab_size(VOCAB))
+    state = dit_bridge.hf_to_megatron(hf_state, cfg.model, padded_vocab_size(VOCAB))
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all(k.endswith("_extra_state") for k in missing)
     sigma = torch.tensor([0.7, 0.05])
     with torch.no_grad():
         torch.testing.assert_close(model(tokens(), sigma)[..., :VOCAB], hf(input_ids=tokens(), timesteps=sigma).logits,
                                    rtol=1e-5, atol=1e-5)
-    back = dit_bridge.megatron_to_hf(megatron_state(model), 2, 4, VOCAB)
+    back = dit_bridge.megatron_to_hf(megatron_state(model), cfg.model, VOCAB)
     assert set(back) == set(hf_state)
     for name, tensor in hf_state.items():
         assert torch.equal(back[name], tensor), name  # every tensor, bit for bit
