@@ -87,14 +87,24 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _model_keys(trainer) -> list:
+    """Megatron-LM's names: `model`, or `model0`, `model1`... for interleaved-pipeline chunks.
+    (Sharded tensors are matched by their own global keys, so the names need not match on load.)"""
+    return ["model"] if len(trainer.model) == 1 else [f"model{i}" for i in range(len(trainer.model))]
+
+
+def _model_sharded_state(trainer) -> dict:
+    # unwrap DDP: the keys are the model's own (global) parameter names
+    return {key: chunk.module.sharded_state_dict() for key, chunk in zip(_model_keys(trainer), trainer.model)}
+
+
+def _load_model_state(trainer, loaded: dict) -> None:
+    for key, chunk in zip(_model_keys(trainer), trainer.model):
+        chunk.module.load_state_dict(loaded[key])
+
+
 def _sharded_state_dict(trainer, is_loading: bool, with_rng: bool) -> dict:
-    chunks = [chunk.module for chunk in trainer.model]  # unwrap DDP: keys are the model's own names
-    model_sd = {}
-    if len(chunks) == 1:
-        model_sd["model"] = chunks[0].sharded_state_dict()
-    else:
-        for i, chunk in enumerate(chunks):
-            model_sd[f"model{i}"] = chunk.sharded_state_dict()
+    model_sd = _model_sharded_state(trainer)
     state = dict(model_sd)
     state["optimizer"] = trainer.optimizer.sharded_state_dict(
         model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_sharded_model_space"})
@@ -185,20 +195,13 @@ def load_checkpoint(trainer, path: str) -> tuple[int, bool]:
     common = dist_checkpointing.load_common_state_dict(path)
     check_compatible(common["config"] | {"vocab_size": common.get("vocab_size")}, trainer.cfg, trainer.vocab_size, path)
     if common.get("model_only"):  # e.g. imported from Hugging Face: weights only, training starts at 0
-        template = {f"model{i}": chunk.module.sharded_state_dict() for i, chunk in enumerate(trainer.model)}
-        loaded = dist_checkpointing.load(template, path)
-        for i, chunk in enumerate(trainer.model):
-            chunk.module.load_state_dict(loaded[f"model{i}"])
+        _load_model_state(trainer, dist_checkpointing.load(_model_sharded_state(trainer), path))
         trainer.optimizer.reload_model_params()  # the optimizer's fp32 main copies, when there are any
         return 0, False
     same_layout = common["layout"] == layout()
     template = _sharded_state_dict(trainer, is_loading=True, with_rng=same_layout)
     loaded = dist_checkpointing.load(template, path)
-    if len(trainer.model) == 1:
-        trainer.model[0].module.load_state_dict(loaded["model"])
-    else:
-        for i, chunk in enumerate(trainer.model):
-            chunk.module.load_state_dict(loaded[f"model{i}"])
+    _load_model_state(trainer, loaded)
     trainer.optimizer.load_state_dict(loaded["optimizer"])
     trainer.scheduler.load_state_dict(common["scheduler"])
     if same_layout:
