@@ -73,7 +73,7 @@ def main():
           f"seq={cfg.data.seq_length} device={'cuda' if torch.cuda.is_available() else 'cpu'} "
           f"(median of {args.iters} steps after {args.warmup} warm-up)")
     names = ["noise", "mdm_pass", "handoff", "sc_pass", "optimizer"]
-    print(f"| objective | step ms | " + " | ".join(f"{n} ms" for n in names) + " |")
+    print("| objective | step ms | " + " | ".join(f"{n} ms" for n in names) + " |")
     print("|---|---:|" + "---:|" * len(names))
     for row, (total, laps) in rows.items():
         cells = " | ".join(f"{laps.get(n, 0.0) * 1e3:.1f}" for n in names)

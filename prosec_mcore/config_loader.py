@@ -59,5 +59,10 @@ def _unknown_key_message(key: str) -> str:
     return f"unknown key '{key}' ({hint})"
 
 
+def config_from_dict(data: dict) -> Config:
+    """The typed Config of a dict written by `config_to_dict` (e.g. a checkpoint's config)."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), data))
+
+
 def config_to_dict(cfg: Config) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

@@ -15,10 +15,9 @@ import shutil
 
 import torch
 from megatron.core import dist_checkpointing
-from omegaconf import OmegaConf
 
 from ..config import Config
-from ..config_loader import config_to_dict, load_config
+from ..config_loader import config_from_dict, config_to_dict, load_config
 from ..model.builder import build_model, padded_vocab_size
 from ..training.checkpoint import checkpoint_name, find_latest, is_complete, layout, mark_complete
 from . import dit_bridge, llada_bridge
@@ -61,7 +60,7 @@ def _state(model) -> dict:
 def export_to_hf(checkpoint: str, out_dir: str) -> dict:
     path = resolve_checkpoint(checkpoint)
     common = dist_checkpointing.load_common_state_dict(path)
-    cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), common["config"]))
+    cfg = config_from_dict(common["config"])
     cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, cfg.parallel.sequence_parallel = 1, 1, None, False
     vocab = common["vocab_size"]
     bridge = BRIDGES[cfg.model.style]

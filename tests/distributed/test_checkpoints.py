@@ -7,50 +7,21 @@ run restores weights, Adam state, LR schedule and RNG, and redraws the same data
 Across layouts the comparison uses the layout-equivalence tolerance (rtol 2e-5, see
 test_prosec_layouts.py): a resharded checkpoint is the same model, computed in another order.
 """
-import json
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.cli import ROOT, ok, read_metrics as metrics, run_tool
+
 KEYS = ("loss", "mdm_loss", "sc_loss", "grad_norm", "lr")
 
 
 def run(args, nproc=1, env=None, timeout=400):
-    """Run the CLI to completion. Output goes to files, not pipes: a process killed mid-save
-    leaves dist_checkpointing's helper process behind, which would hold a pipe open; the
-    helper's whole process group is killed once the main process has exited."""
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
-    cmd = launcher + [os.path.join(ROOT, "tools", "pretrain_prosec.py"), *args]
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=err, start_new_session=True)
-        try:
-            proc.wait(timeout=timeout)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        out.seek(0)
-        err.seek(0)
-        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
-
-
-def ok(result):
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return run_tool("pretrain_prosec.py", args, nproc=nproc, env=env, timeout=timeout)
 
 
 def common(corpus, objective, run_dir, iters):

@@ -20,6 +20,7 @@ import os
 import pytest
 
 from launch import run_distributed
+from tests.cli import read_metrics
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prosec_worker.py") + ":train_and_record"
 LOSS_RTOL = 2e-5
@@ -43,11 +44,6 @@ def base_overrides(corpus, objective, run_dir):
         "train.eval_interval=3", "train.eval_iters=1", "train.log_interval=1",
         "logging.tensorboard=false", f"run_dir={run_dir}",
     ]
-
-
-def read_metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module", params=["proseco", "mdlm"])

@@ -2,22 +2,14 @@
 -> `AutoModelForMaskedLM.from_pretrained(trust_remote_code=True)` -> back to a checkpoint that
 training continues from; the round trip reproduces every tensor exactly."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+from tests.cli import ok, run_tool
 
 def cli(tool, args, nproc=1, timeout=400):
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
-    result = subprocess.run(launcher + [os.path.join(ROOT, "tools", tool), *args], cwd=ROOT, capture_output=True,
-                            text=True, timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
+    return ok(run_tool(tool, args, nproc=nproc, timeout=timeout)).stdout
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +37,12 @@ def test_export_loads_in_transformers_with_matching_logits(trained, tmp_path, si
     hf = AutoModelForMaskedLM.from_pretrained(str(out), trust_remote_code=True).eval()
 
     # The megatron side: the TP=2 PP=2 checkpoint loaded (resharded) into one process.
-    from prosec_mcore.config import Config
+    from prosec_mcore.config_loader import config_from_dict
     from prosec_mcore.model.builder import build_model
-    from omegaconf import OmegaConf
 
     ckpt = resolve_checkpoint(str(trained))
     common = dist_checkpointing.load_common_state_dict(ckpt)
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), common["config"]))
+    cfg = config_from_dict(common["config"])
     cfg.parallel.tp, cfg.parallel.pp = 1, 1
     model = build_model(cfg, common["vocab_size"]).eval()
     model.load_state_dict(dist_checkpointing.load({"model": model.sharded_state_dict()}, ckpt)["model"])

@@ -1,24 +1,15 @@
 """End to end: `tools/pretrain_prosec.py` as a user runs it, on the bundled Shakespeare corpus."""
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.cli import read_metrics as metrics, run_tool
+
 REQUIRED_KEYS = {"iteration", "loss", "mdm_loss", "sc_loss", "lr", "tokens_per_s"}
 
 
-def pretrain(args, timeout=600, launcher=None):
-    cmd = (launcher or [sys.executable]) + [os.path.join(ROOT, "tools", "pretrain_prosec.py"), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+def pretrain(args, timeout=600, nproc=1):
+    return run_tool("pretrain_prosec.py", args, nproc=nproc, timeout=timeout)
 
 
 def mean(rows, key):
@@ -70,8 +61,7 @@ def test_bad_input_fails_before_work_with_one_clear_line(shakespeare_corpus, tmp
 
 
 def test_world_size_not_divisible_by_tp_times_pp(shakespeare_corpus, tmp_path):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3"]
-    result = pretrain(["--tp", "2"] + shakespeare_corpus + [f"run_dir={tmp_path}"], launcher=launcher, timeout=180)
+    result = pretrain(["--tp", "2"] + shakespeare_corpus + [f"run_dir={tmp_path}"], nproc=3, timeout=180)
     assert result.returncode != 0
     assert "world size 3 is not divisible by tp*pp = 2*1 = 2" in result.stderr
 
@@ -83,9 +73,7 @@ def test_torchrun_tp4_pp2_on_eight_processes_matches_single_process(shakespeare_
                                    "train.lr_warmup_iters=0", "train.eval_interval=0", "logging.tensorboard=false"]
     single = pretrain(common + [f"run_dir={tmp_path / 'single'}"])
     assert single.returncode == 0, single.stderr[-3000:]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "8"]
-    multi = pretrain(["--tp", "4", "--pp", "2"] + common + [f"run_dir={tmp_path / 'multi'}"],
-                     launcher=launcher, timeout=600)
+    multi = pretrain(["--tp", "4", "--pp", "2"] + common + [f"run_dir={tmp_path / 'multi'}"], nproc=8)
     assert multi.returncode == 0, multi.stdout[-3000:] + multi.stderr[-3000:]
     assert "tp=4 pp=2 dp=1" in multi.stdout
     for got, want in zip(metrics(tmp_path / "multi"), metrics(tmp_path / "single"), strict=True):
