@@ -5,6 +5,7 @@
   [log]  wandb (offline by default), tensorboard, matplotlib
   [hf]   transformers, to load exported checkpoints with AutoModelForMaskedLM
   [dev]  pytest and the packages that provide the bundled test corpora
+  [chem] molecule metrics: RDKit, fcd_torch (ships ChemNet's weights, for FCD), scipy, threadpoolctl
 torch is pinned to the exact version the project is tested with: on a CPU-only machine pip then
 takes the CPU build, and a bare `torch` requirement would pull a multi-GB CUDA build.
 """
@@ -32,6 +33,7 @@ setup(
         "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda120"],
         "log": ["wandb>=0.17", "tensorboard>=2.16", "matplotlib>=3.8"],
         "hf": ["transformers>=4.45"],
+        "chem": ["rdkit==2026.9.1", "fcd_torch==1.0.7", "scipy>=1.10", "threadpoolctl>=3"],
         "dev": ["pytest>=8", "tensorboard>=2.16", "matplotlib>=3.8", "tiktoken>=0.7", "transformers>=4.45"],
     },
     include_package_data=True,

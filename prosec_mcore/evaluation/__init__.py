@@ -1,0 +1,32 @@
+"""Evaluation metrics for samples of the diffusion LM.
+
+* ``molecules``: validity, uniqueness, novelty, QED, ring count and Frechet ChemNet Distance of
+  generated SMILES (needs the ``chem`` extra: RDKit and fcd_torch, imported only when used).
+* ``text``: unigram entropy of token samples (MDLM/ReMDM's repetition check) and the perplexity
+  bound exp(NELBO per token).
+"""
+from prosec_mcore.evaluation.molecules import (
+    CanonicalSmilesSet,
+    FCDScorer,
+    MoleculeMetrics,
+    canonical_smiles,
+    canonical_training_set,
+    evaluate_molecules,
+    frechet_distance,
+    parse_molecule,
+)
+from prosec_mcore.evaluation.text import perplexity_bound, sample_unigram_entropy, unigram_entropy
+
+__all__ = [
+    "CanonicalSmilesSet",
+    "FCDScorer",
+    "MoleculeMetrics",
+    "canonical_smiles",
+    "canonical_training_set",
+    "evaluate_molecules",
+    "frechet_distance",
+    "parse_molecule",
+    "perplexity_bound",
+    "sample_unigram_entropy",
+    "unigram_entropy",
+]

@@ -1,0 +1,23 @@
+"""Sampling from masked diffusion models: MDLM, ProSeCo (unmasking interleaved with corrector
+loops), ReMDM remasking, semi-autoregressive blocks and classifier-free guidance.
+
+    steps.py       the math: unmasking step, corrector loop, Gumbel-max draws
+    samplers.py    the samplers, each returning tokens and NFE counts
+    guidance.py    classifier-free guidance as a denoiser wrapper
+    denoiser.py    the network as samplers see it (megatron model, HF model, any function)
+    generate.py    many samples in seeded batches, shared across data-parallel ranks
+    loading.py     a denoiser from a distributed checkpoint or a Hugging Face folder
+"""
+
+from .denoiser import Denoiser, FunctionDenoiser, hf_denoiser, megatron_denoiser
+from .generate import SAMPLERS, SamplerSpec, generate, run_sampler
+from .guidance import GuidedDenoiser
+from .samplers import SampleResult, sample_mdlm, sample_proseco, sample_remdm, sample_semi_ar
+from .steps import CORRECTOR_MODES, CorrectorSettings, corrector_loop, unmask_step
+
+__all__ = [
+    "CORRECTOR_MODES", "CorrectorSettings", "Denoiser", "FunctionDenoiser", "GuidedDenoiser",
+    "SAMPLERS", "SampleResult", "SamplerSpec", "corrector_loop", "generate", "hf_denoiser",
+    "megatron_denoiser", "run_sampler", "sample_mdlm", "sample_proseco", "sample_remdm",
+    "sample_semi_ar", "unmask_step",
+]

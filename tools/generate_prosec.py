@@ -1,0 +1,159 @@
+"""Sample from a trained ProSeCo / MDLM model.
+
+    # ProSeCo: 16 unmasking steps, a 2-step argmax corrector loop after every 4th step
+    python tools/generate_prosec.py runs/qm9-proseco --sampler proseco --steps 16 \\
+        --corrector-steps 2 --corrector-every 4 --num-samples 512 --out samples.jsonl
+    # MDLM ancestral sampling; ReMDM; semi-autoregressive blocks; a Hugging Face export
+    python tools/generate_prosec.py runs/qm9-mdlm --sampler mdlm --steps 32
+    python tools/generate_prosec.py runs/qm9-mdlm --sampler remdm --steps 32 --eta 0.05
+    python tools/generate_prosec.py runs/a --sampler semi_ar --block-length 16 --threshold 0.9
+    python tools/generate_prosec.py hf_out/ --hf --sampler proseco --steps 32 --corrector-steps 1
+    # tensor parallel (checkpoints reshard on load; sampling needs PP=1), data parallel over the rest
+    torchrun --nproc-per-node 4 tools/generate_prosec.py runs/a --tp 2 --num-samples 256
+
+--prompt fixes a prefix (text); --template fixes any positions: a string as long as the sequence
+in which --blank (default "_") marks the positions to generate (infilling).
+
+Writes --out (JSON lines: one {"index", "text", "tokens"} per sample) and <out>.summary.json
+(sampler settings, NFE totals and per batch, timings), and prints where they are.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="checkpoint dir, run dir (its latest checkpoint), or HF folder with --hf")
+    p.add_argument("--hf", action="store_true", help="MODEL is a Hugging Face folder (plain PyTorch)")
+    p.add_argument("--sampler", default="proseco", choices=("mdlm", "proseco", "remdm", "semi_ar"))
+    p.add_argument("--steps", type=int, default=32, help="T unmasking steps")
+    p.add_argument("--corrector-steps", type=int, default=1, help="S evaluations per corrector loop")
+    p.add_argument("--corrector-every", type=int, default=1, help="omega: a loop every omega steps")
+    p.add_argument("--corrector-mode", default="argmax", choices=("argmax", "sample", "top_k"))
+    p.add_argument("--top-k", type=int, default=1, help="positions changed per evaluation (top_k)")
+    p.add_argument("--no-early-stop", action="store_true", help="always spend S evaluations")
+    p.add_argument("--no-cache", action="store_true", help="never reuse an unchanged input's output")
+    p.add_argument("--eta", type=float, default=0.02, help="ReMDM remasking cap")
+    p.add_argument("--block-length", type=int, default=8, help="semi_ar block size")
+    p.add_argument("--threshold", type=float, default=0.9, help="semi_ar confidence threshold")
+    p.add_argument("--num-samples", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--length", type=int, default=None, help="default: the training seq_length")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--prompt", default=None, help="text whose tokens fix the first positions")
+    p.add_argument("--template", default=None, help="fixed text with --blank where to generate")
+    p.add_argument("--blank", default="_")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--out", default=None, help="default: <model>/samples/<sampler>_T<steps>_s<seed>.jsonl")
+    return p.parse_args(argv)
+
+
+def build_prompt(args, tokenizer, length):
+    """(prompt [1, L], fixed-position mask [1, L]) or (None, None)."""
+    import torch
+
+    if args.prompt is None and args.template is None:
+        return None, None
+    prompt = torch.full((1, length), tokenizer.mask_id, dtype=torch.long)
+    fixed = torch.zeros(1, length, dtype=torch.bool)
+    if args.prompt is not None:
+        ids = tokenizer.encode(args.prompt)
+        if len(ids) >= length:
+            raise ValueError(f"the prompt has {len(ids)} tokens; the sequence only {length}")
+        prompt[0, :len(ids)], fixed[0, :len(ids)] = torch.tensor(ids), True
+    if args.template is not None:
+        pieces = args.template.split(args.blank)
+        pos = 0
+        for k, piece in enumerate(pieces):
+            ids = tokenizer.encode(piece) if piece else []
+            if pos + len(ids) > length:
+                raise ValueError(f"the template is longer than the sequence ({length} tokens)")
+            prompt[0, pos:pos + len(ids)], fixed[0, pos:pos + len(ids)] = torch.tensor(ids, dtype=torch.long), True
+            pos += len(ids) + (1 if k < len(pieces) - 1 else 0)
+    return prompt, fixed
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from prosec_mcore import quiet_known_warnings
+    from prosec_mcore.sampling import CorrectorSettings, SamplerSpec, generate
+    from prosec_mcore.sampling.loading import load_from_checkpoint, load_from_hf
+
+    quiet_known_warnings()
+    try:
+        spec = SamplerSpec(args.sampler, args.steps,
+                           CorrectorSettings(args.corrector_steps, args.corrector_every, args.corrector_mode,
+                                             args.top_k, not args.no_early_stop),
+                           not args.no_cache, args.eta, args.block_length, args.threshold)
+        if args.hf:
+            if args.tp != 1:
+                raise ValueError("--tp applies to distributed checkpoints; a HF folder runs on one process")
+            loaded = load_from_hf(args.model, seq_length=args.length)
+        else:
+            loaded = load_from_checkpoint(args.model, tp=args.tp)
+        length = args.length or loaded.seq_length
+        prompt, fixed = build_prompt(args, loaded.tokenizer, length)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    rank, world, dp_rank, dp_size = 0, 1, 0, 1
+    if torch.distributed.is_initialized():
+        from megatron.core import parallel_state
+
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+
+    def progress(done, total, seconds):
+        if rank == 0:
+            print(f"[generate] batch {done}/{total} | {seconds:.1f} s | ETA {seconds / done * (total - done):.0f} s",
+                  flush=True)
+
+    if rank == 0:
+        print(f"[generate] {loaded.source} | {spec.describe()} | {args.num_samples} samples x {length} tokens "
+              f"| seed {args.seed} | world {world} (tp {args.tp}, dp {dp_size})", flush=True)
+    start = time.time()
+    out = generate(spec, loaded.denoiser, loaded.schedule, args.num_samples, args.batch_size, length,
+                   args.seed, dp_rank, dp_size, prompt, fixed, progress=progress)
+    parts = [out]
+    if dp_size > 1:
+        parts = [None] * dp_size
+        torch.distributed.all_gather_object(parts, out, group=parallel_state.get_data_parallel_group())
+    if rank != 0:
+        return 0
+
+    by_batch = {}
+    for part in parts:
+        for k, b in enumerate(part["batch_indices"]):
+            by_batch[b] = part["tokens"][k * args.batch_size:(k + 1) * args.batch_size]
+    tokens = torch.cat([by_batch[b] for b in sorted(by_batch)])
+    totals = {k: sum(p["stats"][k] for p in parts) for k in ("nfe", "nfe_unmask", "nfe_correct",
+                                                             "corrector_loops", "early_stops", "batches")}
+    n_batches = max(totals["batches"], 1)
+    summary = {"model": loaded.source, "iteration": loaded.iteration, **spec.describe(),
+               "num_samples": len(tokens), "batch_size": args.batch_size, "length": length, "seed": args.seed,
+               **totals, **{f"{k}_per_batch": totals[k] / n_batches for k in ("nfe", "nfe_unmask", "nfe_correct")},
+               "seconds": round(time.time() - start, 2), "prompt": args.prompt, "template": args.template}
+    path = args.out or os.path.join(args.model, "samples", f"{args.sampler}_T{args.steps}_s{args.seed}.jsonl")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        for i, row in enumerate(tokens.tolist()):
+            f.write(json.dumps({"index": i, "text": loaded.tokenizer.decode(row), "tokens": row}) + "\n")
+    with open(path + ".summary.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"[generate] {len(tokens)} samples in {summary['seconds']} s | NFE per batch "
+          f"{summary['nfe_per_batch']:.1f} (unmask {summary['nfe_unmask_per_batch']:.1f}, correct "
+          f"{summary['nfe_correct_per_batch']:.1f}) | samples: {path} | summary: {path}.summary.json", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
