@@ -92,6 +92,29 @@ def validate_indexed_dataset(data_prefix: str, tokenizer, cache_dir: str):
     return indexed
 
 
+class _WithoutPadding:
+    """The tokenizer as megatron's ``GPTDataset`` should see it: without a pad id.
+
+    ``GPTDataset`` treats the tokenizer's pad id as *its own* padding and rewrites every
+    occurrence in a sample to 0. Our samples are never padded by megatron (a trailing partial
+    sequence is dropped), but documents may contain pad ids on purpose (QM9: one molecule per
+    sample, padded to the sequence length), and those must reach the model unchanged. So pad
+    is reported as megatron's "no pad" value, which matches no real token.
+    """
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    @property
+    def pad(self) -> int:
+        from megatron.core.datasets.megatron_dataset import _PAD_TOKEN_ID
+
+        return _PAD_TOKEN_ID
+
+
 def build_datasets(data_prefix: str, tokenizer, seq_length: int, split: str, seed: int,
                    num_samples: tuple[int, int, int], cache_dir: str):
     """Build ``(train, valid, test)`` megatron ``GPTDataset`` objects of exactly
@@ -118,7 +141,7 @@ def build_datasets(data_prefix: str, tokenizer, seq_length: int, split: str, see
         blend=([data_prefix], None),
         split=split,
         path_to_cache=cache_dir,
-        tokenizer=tokenizer,
+        tokenizer=_WithoutPadding(tokenizer),
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,
@@ -141,11 +164,7 @@ def build_datasets(data_prefix: str, tokenizer, seq_length: int, split: str, see
 
     sizes = [n if n > 0 else None for n in num_samples]
     builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config)
-    with warnings.catch_warnings():
-        # pad == eod (GPT-2) makes megatron warn and disable pad handling; that is what we
-        # want, since samples are never padded (partial sequences are dropped).
-        warnings.filterwarnings("ignore", message="The pad token id in the tokenizer collides")
-        train, valid, test = builder.build()
+    train, valid, test = builder.build()
     if len(train) == 0:
         raise ValueError(f"the train split of {data_prefix} has fewer than seq_length="
                          f"{seq_length} tokens; use a shorter sequence length or more data")
