@@ -38,7 +38,9 @@ class ModelConfig:
     num_query_groups: Optional[int] = None
     ffn_hidden_size: int = 256
     max_sequence_length: int = 128
-    vocab_size: Optional[int] = None  # None: taken from the tokenizer (must match if given)
+    # Embedding/output rows (before megatron's padding). None: the tokenizer's vocabulary. It may be
+    # larger (LLaDA-8B: 126464 rows, fewer token ids); the rows beyond it are never predicted.
+    vocab_size: Optional[int] = None
     time_conditioning: str = "adaln"
     zero_timestep: bool = False
     time_embedding_dim: int = 64  # "cond_dim" of the reference DiT
@@ -51,8 +53,17 @@ class ModelConfig:
 
 @dataclass
 class TokenizerConfig:
+    """kind/path: which tokenizer (data/tokenizer.py). The token names apply to `hf_json` and name
+    special tokens that already exist in it, at any id; None keeps the project's defaults
+    (<|endoftext|>, <|pad|> or eod, and <|mask|> appended as the last id). LLaDA-8B:
+    mask_token="<|mdm_mask|>" (id 126336). With model.vocab_size larger than the tokenizer's
+    vocabulary the extra rows are padding the model never predicts."""
+
     kind: str = "hf_json"  # hf_json | gpt2_bpe | char
     path: Optional[str] = None  # None: the tokenizer prepared with the bundled corpus
+    mask_token: Optional[str] = None
+    eod_token: Optional[str] = None
+    pad_token: Optional[str] = None
 
 
 @dataclass
@@ -110,6 +121,25 @@ class TrainConfig:
     eval_interval: int = 100  # 0 disables periodic validation
     eval_iters: int = 4
     exit_interval: int = 0  # save and exit after an iteration divisible by this (0: off), as Megatron-LM
+    # Save and exit after the iteration during which this file appeared (None: off). The SLURM
+    # script (scripts/slurm/) creates it when the time limit nears: unlike a signal, it does not
+    # pass through torchrun, which kills its ranks 30 s after forwarding a SIGTERM (docs/gpu.md).
+    exit_file: Optional[str] = None
+    # FP8 through Transformer Engine (GPU, TE layers; docs/gpu.md): format e4m3 | hybrid (e4m3
+    # forward, e5m2 gradients); recipe delayed (scale from an amax history) | tensorwise
+    # (current scaling: the scale of each tensor from its own amax). Parameters stay bf16 with
+    # fp32 main weights; only the GEMMs of the transformer layers run in FP8.
+    fp8: Optional[str] = None
+    fp8_recipe: str = "delayed"
+    fp8_margin: int = 0
+    fp8_amax_history_len: int = 1024  # delayed scaling only
+    fp8_amax_compute_algo: str = "max"  # delayed scaling only: max | most_recent
+    # Activation recomputation (megatron-core): granularity full (whole layers; method uniform |
+    # block, recompute_num_layers) or selective (core attention only).
+    recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None
+    recompute_num_layers: Optional[int] = None
+    cuda_graph_impl: str = "none"  # none | local | transformer_engine (GPU only)
 
 
 @dataclass
@@ -118,6 +148,11 @@ class ParallelConfig:
     pp: int = 1
     vpp: Optional[int] = None  # virtual (interleaved) pipeline stages per pipeline rank
     sequence_parallel: bool = False
+    # Data-parallel speed features of megatron-core (training/optim.py). None: on with CUDA, off on
+    # CPU (megatron's distributed optimizer holds CUDA tensors only; gloo runs neither overlap).
+    use_distributed_optimizer: Optional[bool] = None
+    overlap_grad_reduce: Optional[bool] = None
+    overlap_param_gather: bool = False  # all-gather updated parameters during the next forward
 
 
 @dataclass
@@ -128,6 +163,8 @@ class CheckpointConfig:
     periodic saves). A run whose save_dir holds a complete checkpoint resumes from the newest
     one (`resume`); `load` names a checkpoint directory explicitly and wins over `resume`.
     SIGTERM / SIGUSR1 (SLURM's pre-emption warnings) make the job save and exit cleanly.
+    async_save: write checkpoints in a background process (megatron-core async torch_dist save);
+    a checkpoint becomes COMPLETE and `latest` only once every rank's writer has finished.
     """
 
     save_dir: Optional[str] = None
@@ -136,6 +173,7 @@ class CheckpointConfig:
     load: Optional[str] = None
     resume: bool = True
     save_on_exit_signal: bool = True
+    async_save: bool = False
 
 
 @dataclass
@@ -166,6 +204,13 @@ _CHOICES = {
     "objective.corrector_input": ("all", "masked"),
     "train.lr_decay_style": ("cosine", "constant", "linear"),
     "train.precision": ("auto", "fp32", "bf16"),
+    "train.fp8": (None, "e4m3", "hybrid"),
+    "train.fp8_recipe": ("delayed", "tensorwise"),
+    "train.fp8_amax_compute_algo": ("max", "most_recent"),
+    "train.recompute_granularity": (None, "full", "selective"),
+    "train.recompute_method": (None, "uniform", "block"),
+    "train.cuda_graph_impl": ("none", "local", "transformer_engine"),
+    "logging.wandb_mode": ("offline", "online", "disabled"),
     "data.tokenizer.kind": ("hf_json", "gpt2_bpe", "char"),
 }
 
@@ -177,15 +222,21 @@ def _get(cfg, dotted: str):
     return value
 
 
-def validate_config(cfg: Config, world_size: int = 1, cuda_available: bool | None = None) -> None:
+def validate_config(cfg: Config, world_size: int = 1, cuda_available: bool | None = None,
+                    te_available: bool | None = None) -> None:
     """Refuse, before any work starts, every setting that cannot run."""
     if cuda_available is None:
         import torch
 
         cuda_available = torch.cuda.is_available()
+    if te_available is None:
+        import importlib.util
+
+        te_available = cuda_available and importlib.util.find_spec("transformer_engine") is not None
     for key, allowed in _CHOICES.items():
         if _get(cfg, key) not in allowed:
-            raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {', '.join(allowed)}")
+            names = ", ".join("null" if a is None else a for a in allowed)
+            raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {names}")
     m, p, t = cfg.model, cfg.parallel, cfg.train
     if p.tp < 1 or p.pp < 1:
         raise ConfigError(f"--tp and --pp must be >= 1 (got tp={p.tp}, pp={p.pp})")
@@ -253,3 +304,51 @@ def validate_config(cfg: Config, world_size: int = 1, cuda_available: bool | Non
         raise ConfigError(f"train.iters must be >= 1 (got {t.iters})")
     if not 0.0 <= cfg.objective.eps_train < 1.0 or not 0.0 <= cfg.objective.eps_valid < 1.0:
         raise ConfigError("objective.eps_train and objective.eps_valid must lie in [0, 1)")
+    _validate_speed_features(cfg, cuda_available, te_available)
+
+
+def _validate_speed_features(cfg: Config, cuda: bool, te: bool) -> None:
+    """FP8, recomputation, CUDA graphs and the data-parallel overlaps (docs/gpu.md)."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    if t.fp8 is not None:
+        if not cuda:
+            raise ConfigError(f"train.fp8={t.fp8} needs a GPU with Transformer Engine (FP8 GEMMs are TE CUDA "
+                              f"kernels); drop train.fp8 on this machine")
+        if not te:
+            raise ConfigError(f"train.fp8={t.fp8} needs Transformer Engine, which is not importable here; run in "
+                              f"the NGC container of docker/Dockerfile or drop train.fp8")
+        if t.precision == "fp32":
+            raise ConfigError("train.fp8 runs on bf16 parameters: use train.precision=bf16 (or auto), not fp32")
+        for name, size in (("model.hidden_size", m.hidden_size), ("model.ffn_hidden_size / tp", m.ffn_hidden_size // p.tp)):
+            if size % 16:
+                raise ConfigError(f"train.fp8: FP8 GEMMs need dimensions divisible by 16, but {name} = {size}")
+    g = t.recompute_granularity
+    per_stage = m.num_layers // p.pp
+    if g == "full":
+        if t.recompute_method is None or t.recompute_num_layers is None:
+            raise ConfigError("train.recompute_granularity=full needs train.recompute_method (uniform|block) "
+                              "and train.recompute_num_layers")
+        if not 1 <= t.recompute_num_layers <= per_stage:
+            raise ConfigError(f"train.recompute_num_layers={t.recompute_num_layers} must lie in [1, {per_stage}] "
+                              f"(the layers of one pipeline stage)")
+    elif t.recompute_method is not None or t.recompute_num_layers is not None:
+        raise ConfigError("train.recompute_method and train.recompute_num_layers apply only to "
+                          "train.recompute_granularity=full")
+    if t.cuda_graph_impl != "none":
+        if not cuda:
+            raise ConfigError(f"train.cuda_graph_impl={t.cuda_graph_impl} needs a GPU (CUDA graphs); "
+                              f"use train.cuda_graph_impl=none on CPU")
+        if t.cuda_graph_impl == "transformer_engine" and not te:
+            raise ConfigError("train.cuda_graph_impl=transformer_engine needs Transformer Engine; use local or none")
+        if g == "full":
+            raise ConfigError("train.cuda_graph_impl with train.recompute_granularity=full: megatron-core graphs "
+                              "whole layers, which full recomputation re-runs; choose one of the two")
+    if p.use_distributed_optimizer and not cuda:
+        raise ConfigError("parallel.use_distributed_optimizer=true needs a GPU (megatron-core's distributed "
+                          "optimizer holds CUDA tensors only); leave it unset (auto) on CPU")
+    if p.overlap_grad_reduce and not cuda:
+        raise ConfigError("parallel.overlap_grad_reduce=true needs a GPU (NCCL); on CPU gradients are reduced "
+                          "after the backward pass; leave it unset (auto)")
+    if p.overlap_param_gather and not (cuda and p.use_distributed_optimizer is not False):
+        raise ConfigError("parallel.overlap_param_gather=true needs the distributed optimizer (a GPU and "
+                          "parallel.use_distributed_optimizer unset or true)")

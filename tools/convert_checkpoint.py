@@ -2,17 +2,28 @@
 
     # any TP/PP layout -> a folder for AutoModelForMaskedLM.from_pretrained(path, trust_remote_code=True)
     python tools/convert_checkpoint.py export --checkpoint runs/b/checkpoints --out hf/proseco-tiny
-    # a Hugging Face folder (e.g. a kuleshov-group/proseco-owt download) -> a checkpoint to train from
-    python tools/convert_checkpoint.py import --hf hf/proseco-owt --out runs/from-hf/checkpoints
+    # a Hugging Face folder (e.g. a kuleshov-group/proseco-owt or GSAI-ML/LLaDA-8B-Base download)
+    # -> a model-only checkpoint to train from (fresh optimizer, iteration 0); prints the overrides
+    python tools/convert_checkpoint.py import --hf hf/LLaDA-8B-Base --out runs/from-llada/checkpoints
 
-Family supported: the DiT of the ProSeCo / MDLM reference checkpoints (model.style=dit,
-model.time_conditioning=adaln, ffn = 4 x hidden).
+Families supported: the DiT of the ProSeCo / MDLM reference checkpoints (model.style=dit,
+model.time_conditioning=adaln, ffn = 4 x hidden) and the Llama-style LLaDA (model.style=llama,
+model.time_conditioning=none). README: "Starting from LLaDA weights".
 """
 import argparse
 import os
+import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def shell_word(word: str) -> str:
+    """`word` as one shell argument, readable: Hydra quotes a value like '<|mdm_mask|>' itself, and
+    double quotes keep those quotes for it (shlex.quote when double quotes are not safe)."""
+    if shlex.quote(word) == word or any(c in word for c in '"$`\\!'):
+        return shlex.quote(word)
+    return f'"{word}"'
 
 
 def main(argv=None) -> int:
@@ -42,7 +53,8 @@ def main(argv=None) -> int:
         else:
             info = import_from_hf(args.hf, args.out)
             print(f"[prosec] imported {args.hf} into {info['checkpoint']}")
-            print(f"[prosec] train from it with: checkpoint.load={info['checkpoint']} {' '.join(info['overrides'])}")
+            words = [f"checkpoint.load={info['checkpoint']}"] + info["overrides"]
+            print(f"[prosec] train from it with: {' '.join(map(shell_word, words))}")
     except (FileNotFoundError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

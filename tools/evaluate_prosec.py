@@ -46,23 +46,11 @@ def evaluate_nelbo(args) -> dict:
 def evaluate_samples(args) -> list:
     from prosec_mcore.evaluation import unigram_entropy
 
-    tokenizer, train_set, reference, scorer, decode = None, None, None, None, None
+    qm9 = None
     if args.molecules:
-        from prosec_mcore.data import build_tokenizer
-        from prosec_mcore.data.qm9 import SMILES_FILE, decode_molecule, training_smiles
-        from prosec_mcore.evaluation import FCDScorer, canonical_training_set
+        from prosec_mcore.evaluation.qm9 import load_qm9_evaluation
 
-        tokenizer = build_tokenizer("auto", args.molecules)
-        train = training_smiles(args.molecules, args.split)
-        with open(os.path.join(args.molecules, SMILES_FILE)) as f:
-            held_out = f.read().split()[len(train):]
-        cache = os.path.join(args.molecules, "eval_cache")
-        train_set = canonical_training_set(train, cache_dir=cache)
-        scorer = FCDScorer(num_threads=1)
-        reference = scorer.reference_statistics(held_out[:args.fcd_reference], cache_dir=cache)
-        decode = lambda ids: decode_molecule(ids, tokenizer)  # noqa: E731
-
-    from prosec_mcore.evaluation import evaluate_molecules
+        qm9 = load_qm9_evaluation(args.molecules, args.split, args.fcd_reference)
 
     rows = []
     for path in args.files:
@@ -73,11 +61,11 @@ def evaluate_samples(args) -> list:
         row = {"file": path, **{k: summary[k] for k in ("sampler", "steps", "corrector_steps", "corrector_every",
                                                          "corrector_mode", "nfe_per_batch", "nfe_unmask_per_batch",
                                                          "nfe_correct_per_batch", "seed") if k in summary}}
-        special = {tokenizer.eod, tokenizer.pad, tokenizer.mask_id} if tokenizer else set()
+        tok = qm9.tokenizer if qm9 else None
+        special = {tok.eod, tok.pad, tok.mask_id} if tok else set()
         row["unigram_entropy"] = unigram_entropy([s["tokens"] for s in samples], ignore_ids=special)
-        if args.molecules:
-            smiles = [decode(s["tokens"]) for s in samples]
-            row.update(evaluate_molecules(smiles, train_set, reference, scorer).to_dict())
+        if qm9:
+            row.update(qm9.score([s["tokens"] for s in samples]).to_dict())
         rows.append(row)
     return rows
 

@@ -14,6 +14,10 @@ Every document is followed by the tokenizer's end-of-document id.  Examples:
 
     python tools/preprocess_data.py --input smiles.txt --split-lines \\
         --tokenizer-kind char --tokenizer-path smiles_chars.txt --output-prefix data_cache/smiles
+
+    # a pretrained model's tokenizer (a Hugging Face folder with tokenizer.json), naming its tokens
+    python tools/preprocess_data.py --input corpus.jsonl --tokenizer-path hf/LLaDA-8B-Base \\
+        --eod-token '<|endoftext|>' --mask-token '<|mdm_mask|>' --output-prefix data/llada_text_document
 """
 
 import argparse
@@ -55,6 +59,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer-kind", default="hf_json",
                         choices=["hf_json", "gpt2_bpe", "char", "auto"])
     parser.add_argument("--tokenizer-path", required=True)
+    parser.add_argument("--eod-token", default=None, help="hf_json: name of the end-of-document token")
+    parser.add_argument("--mask-token", default=None, help="hf_json: name of an existing mask token")
+    parser.add_argument("--pad-token", default=None, help="hf_json: name of the padding token")
     parser.add_argument("--json-key", default="text", help="JSONL field holding the text")
     parser.add_argument("--split-blank-lines", action="store_true",
                         help=".txt: documents are separated by blank lines")
@@ -72,7 +79,8 @@ def main(argv=None) -> int:
 
     try:
         files = expand_inputs(args.input)
-        tokenizer = build_tokenizer(args.tokenizer_kind, args.tokenizer_path)
+        tokenizer = build_tokenizer(args.tokenizer_kind, args.tokenizer_path, eod_token=args.eod_token,
+                                    mask_token=args.mask_token, pad_token=args.pad_token)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     text_files = [f for f in files if not f.endswith(JSON_EXT)]

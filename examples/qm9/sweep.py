@@ -49,19 +49,12 @@ def main() -> int:
     args = p.parse_args()
 
     from prosec_mcore import quiet_known_warnings
-    from prosec_mcore.data.qm9 import SMILES_FILE, decode_molecule, training_smiles
-    from prosec_mcore.evaluation import FCDScorer, canonical_training_set, evaluate_molecules
+    from prosec_mcore.evaluation.qm9 import load_qm9_evaluation
     from prosec_mcore.sampling import generate
     from prosec_mcore.sampling.loading import load_from_checkpoint
 
     quiet_known_warnings()
-    train = training_smiles(args.data, args.split)
-    with open(os.path.join(args.data, SMILES_FILE)) as f:
-        held_out = f.read().split()[len(train):]
-    cache = os.path.join(args.data, "eval_cache")
-    train_set = canonical_training_set(train, cache_dir=cache)
-    scorer = FCDScorer(num_threads=1)
-    reference = scorer.reference_statistics(held_out[:5000], cache_dir=cache)
+    qm9 = load_qm9_evaluation(args.data, args.split)
     proseco_settings = [tuple(map(int, pair.split(":"))) for pair in args.corrector]
 
     rows = []
@@ -74,8 +67,7 @@ def main() -> int:
                 start = time.time()
                 out = generate(spec, loaded.denoiser, loaded.schedule, args.num_samples, args.batch_size,
                                loaded.seq_length, seed)
-                smiles = [decode_molecule(row, loaded.tokenizer) for row in out["tokens"].tolist()]
-                metrics = evaluate_molecules(smiles, train_set, reference, scorer).to_dict()
+                metrics = qm9.score(out["tokens"].tolist()).to_dict()
                 row = {"model": model_name, "iteration": loaded.iteration, "setting": label, "seed": seed,
                        **spec.describe(), "nfe": out["stats"]["nfe_per_batch"],
                        "nfe_unmask": out["stats"]["nfe_unmask_per_batch"],

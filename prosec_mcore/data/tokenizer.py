@@ -2,10 +2,18 @@
 
 A masked diffusion LM corrupts a sequence by replacing tokens with a dedicated
 ``[MASK]`` symbol and learns to predict the originals.  The mask symbol must be a
-real row of the embedding table, yet it must never occur in training data.  We
-therefore keep one invariant for every tokenizer in this project::
+real row of the embedding table, yet it must never occur in training data and
+the model must never predict it.  Every tokenizer here therefore has::
 
-    vocab_size == number of ordinary + special ids, and mask_id == vocab_size - 1
+    vocab_size == 1 + the largest id it knows, and 0 <= mask_id < vocab_size
+
+Tokenizers built by this project append the mask as the *last* id.  Tokenizers
+of pretrained models may place it anywhere: LLaDA-8B's ``<|mdm_mask|>`` is id
+126336, not its last id, and its model has more embedding rows (126,464) than
+the tokenizer has ids.  For those, name the special tokens
+(``data.tokenizer.mask_token: "<|mdm_mask|>"``, and ``eod_token`` /
+``pad_token``); the model's rows beyond ``vocab_size`` are padding that the
+loss never predicts (``diffusion/losses.invalid_vocab_mask``).
 
 Besides the mask we track ``eod`` (end of document, appended to every document
 by the preprocessor) and ``pad``.  Raw text is always encoded with special
@@ -15,8 +23,10 @@ bytes, so special ids only ever enter a sequence on purpose.
 Three kinds are supported by :func:`build_tokenizer`:
 
 * ``hf_json``  -- a HuggingFace ``tokenizers`` JSON file (or a folder with
-  ``tokenizer.json``).  ``<|endoftext|>`` must be a special token; ``<|mask|>``
-  is appended if it is missing.
+  ``tokenizer.json``, e.g. a downloaded model).  By default ``<|endoftext|>``
+  must be a special token and ``<|mask|>`` is appended if it is missing; with
+  ``mask_token=`` / ``eod_token=`` / ``pad_token=`` the named tokens must exist
+  (at any id) and are used as they are.
 * ``gpt2_bpe`` -- GPT-2's byte-level BPE given as a tiktoken rank file
   (``gpt2.tiktoken``); converted to a ``tokenizers`` BPE, see ``gpt2_bpe.py``.
   eod = 50256, mask = 50257 (``pad`` aliases ``eod``: GPT-2 has no pad token).
@@ -51,8 +61,8 @@ class ProSeCoTokenizer(MegatronTokenizerBase):
     """Common interface: ids for text plus the special ids eod, pad and mask.
 
     Subclasses implement ``encode``, ``decode``, ``vocab``, ``_save_files`` and
-    ``_fingerprint``; this base class checks the mask-is-last invariant and
-    provides the megatron-core aliases.
+    ``_fingerprint``; this base class checks the special ids and provides the
+    megatron-core aliases.
     """
 
     kind: str = "base"
@@ -60,11 +70,8 @@ class ProSeCoTokenizer(MegatronTokenizerBase):
     def __init__(self, path: Optional[str], vocab_size: int, eod: int, pad: int, mask: int):
         super().__init__(path or "", config={})
         self._vocab_size, self._eod, self._pad, self._mask = vocab_size, eod, pad, mask
-        if mask != vocab_size - 1:
-            raise ValueError(
-                f"{MASK_TOKEN} has id {mask} but must be the last id ({vocab_size - 1}). "
-                f"Rebuild the tokenizer so that {MASK_TOKEN} is added after every other token."
-            )
+        if not 0 <= mask < vocab_size:
+            raise ValueError(f"the mask token has id {mask}, outside the vocabulary [0, {vocab_size})")
         if len({eod, mask}) != 2 or pad == mask:
             raise ValueError(f"special ids collide: eod={eod} pad={pad} mask={mask}")
 
@@ -99,10 +106,13 @@ class ProSeCoTokenizer(MegatronTokenizerBase):
         os.makedirs(directory, exist_ok=True)
         self._save_files(directory)
         meta = {"kind": self.kind, "vocab_size": self.vocab_size, "eod": self.eod,
-                "pad": self.pad, "mask": self.mask_id}
+                "pad": self.pad, "mask": self.mask_id, **self._meta_extra()}
         with open(os.path.join(directory, META_FILE), "w") as f:
             json.dump(meta, f, indent=2)
         return directory
+
+    def _meta_extra(self) -> dict:
+        return {}
 
     # --- megatron-core aliases -----------------------------------------------------------------
     @property
@@ -139,26 +149,54 @@ class ProSeCoTokenizer(MegatronTokenizerBase):
 
 
 class HFTokenizer(ProSeCoTokenizer):
-    """Wraps a ``tokenizers.Tokenizer`` (used by ``hf_json`` and ``gpt2_bpe``)."""
+    """Wraps a ``tokenizers.Tokenizer`` (used by ``hf_json`` and ``gpt2_bpe``).
+
+    Default special tokens: ``<|endoftext|>`` (must be special), ``<|pad|>`` (eod if absent),
+    ``<|mask|>`` (appended as the last id if absent). Named tokens (``mask_token="<|mdm_mask|>"``)
+    must already be in the vocabulary; they keep their ids and are made special if they are not,
+    so that raw text never encodes to them.
+    """
 
     def __init__(self, backend, path: Optional[str] = None, kind: str = "hf_json",
-                 eod_token: str = EOD_TOKEN, pad_token: Optional[str] = PAD_TOKEN):
+                 eod_token: Optional[str] = EOD_TOKEN, pad_token: Optional[str] = PAD_TOKEN,
+                 mask_token: Optional[str] = None):
         self.kind = kind
+        eod_token = eod_token or EOD_TOKEN
         added = backend.get_added_tokens_decoder()
         specials = {tok.content: i for i, tok in added.items() if tok.special}
-        if eod_token not in specials:
+        named = [t for t in (mask_token,) if t] + ([eod_token] if eod_token != EOD_TOKEN else []) + \
+            ([pad_token] if pad_token and pad_token != PAD_TOKEN else [])
+        for name in named:
+            if backend.token_to_id(name) is None:
+                raise ValueError(f"tokenizer {path or ''} has no token {name!r}; name one of its special tokens "
+                                 f"(data.tokenizer.mask_token / eod_token / pad_token)")
+        if eod_token not in specials and eod_token not in named:
             raise ValueError(
                 f"tokenizer {path or ''} has no special token {eod_token!r}; retrain it with "
-                f"special_tokens=[{eod_token!r}, {PAD_TOKEN!r}, ...] (see prepare_data.py)."
+                f"special_tokens=[{eod_token!r}, {PAD_TOKEN!r}, ...] (see prepare_data.py), or name its "
+                f"end-of-document token with data.tokenizer.eod_token."
             )
-        if MASK_TOKEN not in specials:  # append the mask as the last id
-            backend.add_special_tokens([MASK_TOKEN])
+        if mask_token is None:
+            mask_token = MASK_TOKEN
+            if MASK_TOKEN not in specials:  # append the mask as the last id
+                backend.add_special_tokens([MASK_TOKEN])
+        from tokenizers import AddedToken
+
+        # existing vocabulary entries: made special in place (their ids do not change)
+        backend.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in named if n not in specials])
         backend.encode_special_tokens = True  # raw text never yields special ids
         self._tk = backend
         eod = backend.token_to_id(eod_token)
         pad_id = backend.token_to_id(pad_token) if pad_token else None
-        super().__init__(path, backend.get_vocab_size(with_added_tokens=True), eod,
-                         eod if pad_id is None else pad_id, backend.token_to_id(MASK_TOKEN))
+        self._names = {"eod_token": eod_token, "pad_token": pad_token if pad_id is not None else eod_token,
+                       "mask_token": mask_token}
+        # 1 + the largest id (equals the count when ids are contiguous, which they need not be)
+        size = max(backend.get_vocab_size(with_added_tokens=True),
+                   max(backend.get_vocab(with_added_tokens=True).values()) + 1)
+        super().__init__(path, size, eod, eod if pad_id is None else pad_id, backend.token_to_id(mask_token))
+
+    def _meta_extra(self) -> dict:
+        return dict(self._names)
 
     def encode(self, text: str) -> list[int]:
         return self._tk.encode(text, add_special_tokens=False).ids
@@ -250,27 +288,35 @@ def _load_char_vocab(path: str) -> str:
         return f.read().replace("\r", "").replace("\n", "")
 
 
-def build_tokenizer(kind: str, path: Optional[str] = None, *, chars: Optional[str] = None
-                    ) -> ProSeCoTokenizer:
+def build_tokenizer(kind: str, path: Optional[str] = None, *, chars: Optional[str] = None,
+                    mask_token: Optional[str] = None, eod_token: Optional[str] = None,
+                    pad_token: Optional[str] = None) -> ProSeCoTokenizer:
     """Build a tokenizer of ``kind`` (one of :data:`KINDS`) from ``path``.
 
-    ``path`` may be a file or a folder written by :meth:`ProSeCoTokenizer.save`.  For
-    ``kind="char"`` the characters may also be given directly via ``chars``.
+    ``path`` may be a file or a folder (one written by :meth:`ProSeCoTokenizer.save`, or a
+    Hugging Face model folder holding ``tokenizer.json``).  For ``kind="char"`` the characters
+    may also be given directly via ``chars``.  ``mask_token``/``eod_token``/``pad_token`` name
+    the special tokens of an ``hf_json`` tokenizer (None: the project's defaults).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown tokenizer kind {kind!r}; choose one of {KINDS}")
+    names = {"mask_token": mask_token, "eod_token": eod_token, "pad_token": pad_token}
     if path and os.path.isdir(path):
         meta_path = os.path.join(path, META_FILE)
         if kind == "auto":
             _require_file(meta_path, "tokenizer metadata",
                           "Write the folder with tokenizer.save().")
             with open(meta_path) as f:
-                kind = json.load(f)["kind"]
-            kind = "hf_json" if kind == "gpt2_bpe" else kind  # saved as tokenizer.json
+                meta = json.load(f)
+            kind = "hf_json" if meta["kind"] == "gpt2_bpe" else meta["kind"]  # saved as tokenizer.json
+            names = {k: names[k] or meta.get(k) for k in names}  # names saved by HFTokenizer
         path = os.path.join(path, CHAR_FILE if kind == "char" else "tokenizer.json")
     elif kind == "auto":
         raise ValueError(f"kind='auto' needs a folder written by tokenizer.save(), got {path!r}")
 
+    if kind != "hf_json" and any(names.values()):
+        raise ValueError(f"special token names (mask_token/eod_token/pad_token) apply to hf_json tokenizers, "
+                         f"not {kind!r}: the {kind} tokenizer defines its own special ids")
     if kind == "char":
         if chars is None:
             path = _require_file(path, "char vocabulary file",
@@ -284,7 +330,8 @@ def build_tokenizer(kind: str, path: Optional[str] = None, *, chars: Optional[st
         path = _require_file(path, "tokenizer JSON file",
                              "Create one with `python tools/prepare_data.py` "
                              "(writes data_cache/shakespeare/tokenizer.json).")
-        return HFTokenizer(Tokenizer.from_file(path), path)
+        return HFTokenizer(Tokenizer.from_file(path), path, eod_token=names["eod_token"] or EOD_TOKEN,
+                           pad_token=names["pad_token"] or PAD_TOKEN, mask_token=names["mask_token"])
 
     from prosec_mcore.data.gpt2_bpe import tokenizer_from_tiktoken_file
 

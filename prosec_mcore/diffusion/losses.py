@@ -33,8 +33,12 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 
 def invalid_vocab_mask(local_vocab: int, vocab_size: int, mask_id: int, device=None) -> torch.Tensor:
-    """Bool [local_vocab]: True for the ids of this TP shard that must never be predicted
-    (the mask token and the padding beyond the tokenizer's vocabulary)."""
+    """Bool [local_vocab]: True for the ids of this TP shard that must never be predicted.
+
+    `vocab_size` is the *tokenizer's* vocabulary (1 + its largest id), not the model's row count.
+    Invalid are the mask id, wherever it lies (last for our tokenizers, 126336 for LLaDA-8B,
+    in the middle of its vocabulary), and every id >= vocab_size: the rows a pretrained model has beyond its tokenizer
+    (LLaDA: up to 126464) and megatron's padding to a multiple of 128 * TP alike."""
     start = parallel_state.get_tensor_model_parallel_rank() * local_vocab
     ids = torch.arange(start, start + local_vocab, device=device)
     return (ids == mask_id) | (ids >= vocab_size)

@@ -5,12 +5,18 @@ export: a dist checkpoint saved at any TP/PP/DP layout is loaded into one TP=1 P
         `AutoModelForMaskedLM.from_pretrained(path, trust_remote_code=True)` loads:
         config.json, model.safetensors, configuration_/modeling_proseco.py, tokenizer files.
 import: a Hugging Face folder becomes a model-only dist checkpoint (iteration 0) that a
-        training run continues from with `checkpoint.load=<dir>`.
+        training run continues from with `checkpoint.load=<dir>` (fresh optimizer, iteration 0).
+        When the folder holds tokenizer.json, the printed overrides point training at it and name
+        its special tokens by the ids of config.json (mask_token_id, eos_token_id, pad_token_id):
+        LLaDA-8B's mask is "<|mdm_mask|>" (126336), in the middle of its vocabulary, and its 126464
+        rows exceed the tokenizer's ids; the checkpoint records the mask id so that a run with
+        another tokenizer is refused.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import torch
@@ -64,7 +70,7 @@ def export_to_hf(checkpoint: str, out_dir: str) -> dict:
     cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, cfg.parallel.sequence_parallel = 1, 1, None, False
     vocab = common["vocab_size"]
     bridge = BRIDGES[cfg.model.style]
-    hf_config = bridge.hf_config(cfg.model, vocab, cfg.model.max_sequence_length)
+    hf_config = bridge.hf_config(cfg.model, vocab, cfg.model.max_sequence_length, mask_token_id=common.get("mask_id"))
     _single_process_world()
     model = build_model(cfg, vocab)
     model.load_state_dict(dist_checkpointing.load({"model": model.sharded_state_dict()}, path)["model"])
@@ -84,12 +90,11 @@ def export_to_hf(checkpoint: str, out_dir: str) -> dict:
 
 
 def _save_tokenizer(cfg: Config, out_dir: str) -> str | None:
-    from ..data import build_tokenizer
-    from ..training.trainer import resolve_data_paths
+    from ..training.trainer import build_run_tokenizer, resolve_data_paths
 
     _, tok_path = resolve_data_paths(cfg)
     try:
-        build_tokenizer(cfg.data.tokenizer.kind, tok_path).save(out_dir)
+        build_run_tokenizer(cfg, tok_path).save(out_dir)
         return tok_path
     except (FileNotFoundError, ValueError):
         return None  # the caller reports that the tokenizer was not found
@@ -101,6 +106,7 @@ def import_from_hf(hf_dir: str, save_dir: str) -> dict:
     bridge = bridge_for_hf(hf_config)
     overrides = bridge.model_overrides(hf_config)
     cfg = load_config(overrides)
+    tokenizer_overrides, tokenizer_record = _tokenizer_overrides(hf_dir, hf_config)
     vocab = bridge.vocab_size(hf_config)
     hf_state = _read_hf_weights(hf_dir)
     _single_process_world()
@@ -116,17 +122,54 @@ def import_from_hf(hf_dir: str, save_dir: str) -> dict:
         shutil.rmtree(path)
     os.makedirs(path)
     dist_checkpointing.save({"model": model.sharded_state_dict(), "iteration": 0, "config": config_to_dict(cfg),
-                             "vocab_size": vocab, "layout": layout(), "model_only": True}, path)
+                             "vocab_size": vocab, "layout": layout(), "model_only": True, **tokenizer_record}, path)
     mark_complete(save_dir, 0, {"layout": layout(), "imported_from": os.path.abspath(hf_dir)})
-    return {"checkpoint": path, "overrides": overrides}
+    return {"checkpoint": path, "overrides": overrides + tokenizer_overrides}
+
+
+def _hydra_value(value: str) -> str:
+    """A Hydra override value: quoted unless it is a plain word or path (e.g. '<|mdm_mask|>')."""
+    if re.fullmatch(r"[A-Za-z0-9_./-]+", value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _tokenizer_overrides(hf_dir: str, hf_config: dict) -> tuple[list, dict]:
+    """Overrides that train with the folder's tokenizer.json, naming its special tokens by the ids
+    config.json gives; and what the checkpoint records (mask id, tokenizer vocabulary)."""
+    record = {"mask_id": hf_config["mask_token_id"]} if hf_config.get("mask_token_id") is not None else {}
+    path = os.path.join(hf_dir, "tokenizer.json")
+    if not os.path.isfile(path):
+        return [], record
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_file(path)
+    overrides = ["data.tokenizer.kind=hf_json", f"data.tokenizer.path={_hydra_value(os.path.abspath(hf_dir))}"]
+    for key, option in (("mask_token_id", "mask_token"), ("eos_token_id", "eod_token"), ("pad_token_id", "pad_token")):
+        token = backend.id_to_token(hf_config[key]) if hf_config.get(key) is not None else None
+        if token is not None:
+            overrides.append(f"data.tokenizer.{option}={_hydra_value(token)}")
+    ids = backend.get_vocab(with_added_tokens=True).values()
+    record["tokenizer_vocab_size"] = max(ids) + 1
+    return overrides, record
 
 
 def _read_hf_weights(hf_dir: str) -> dict:
+    """model.safetensors, the shards listed by model.safetensors.index.json (LLaDA-8B ships six),
+    or pytorch_model.bin."""
+    from safetensors.torch import load_file
+
     safetensors_path = os.path.join(hf_dir, "model.safetensors")
     if os.path.exists(safetensors_path):
-        from safetensors.torch import load_file
-
         return load_file(safetensors_path)
+    index_path = safetensors_path + ".index.json"
+    if os.path.exists(index_path):
+        with open(index_path) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        state = {}
+        for shard in shards:
+            state.update(load_file(os.path.join(hf_dir, shard)))
+        return state
     bin_path = os.path.join(hf_dir, "pytorch_model.bin")
     if os.path.exists(bin_path):
         return torch.load(bin_path, map_location="cpu", weights_only=True)

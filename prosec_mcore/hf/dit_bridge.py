@@ -59,8 +59,9 @@ def _qkv_to_megatron(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.view(3, heads, three_h // (3 * heads), hidden).transpose(0, 1).reshape(three_h, hidden)
 
 
-def hf_config(model_cfg, vocab_size: int, max_length: int) -> dict:
-    """config.json of the exported folder (the reference's keys, plus auto_map for AutoModel)."""
+def hf_config(model_cfg, vocab_size: int, max_length: int, mask_token_id: int | None = None) -> dict:
+    """config.json of the exported folder (the reference's keys, plus auto_map for AutoModel).
+    The reference config names no mask id (its mask is the last id), so `mask_token_id` is unused."""
     if model_cfg.style != "dit" or model_cfg.time_conditioning != "adaln":
         raise ValueError("the DiT bridge converts model.style=dit with model.time_conditioning=adaln")
     if model_cfg.ffn_hidden_size != 4 * model_cfg.hidden_size:

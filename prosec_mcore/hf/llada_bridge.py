@@ -9,8 +9,9 @@ Beyond names (the table below):
   * SwiGLU: megatron's linear_fc1 stacks [gate; up] (it applies SiLU to the first half);
     LLaDA has ff_proj (gate) and up_proj.
   * Vocabulary rows are padded to a multiple of 128 in megatron (LLaDA's 126464 already is).
-LLaDA's mask token is id 126336, not the last id; training from LLaDA needs that mask id
-(the tokenizer layer here assumes the mask is last; see the issue notes).
+  * LLaDA's mask token is id 126336, not the last id, and its 126464 rows exceed its tokenizer's
+    ids: config.json's mask_token_id is kept on import (the checkpoint records it, and training
+    names the token with data.tokenizer.mask_token) and written back on export.
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def _fuse_qkv(q, k, v, model_cfg):
                      dim=1).reshape(-1, hidden)
 
 
-def hf_config(model_cfg, vocab_size: int, max_length: int) -> dict:
+def hf_config(model_cfg, vocab_size: int, max_length: int, mask_token_id: int | None = None) -> dict:
     if model_cfg.style != "llama" or model_cfg.time_conditioning != "none":
         raise ValueError("the LLaDA bridge converts model.style=llama with model.time_conditioning=none")
     heads, kv, _ = _groups(model_cfg)
@@ -69,7 +70,8 @@ def hf_config(model_cfg, vocab_size: int, max_length: int) -> dict:
         "d_model": model_cfg.hidden_size, "n_heads": heads, "n_kv_heads": kv, "n_layers": model_cfg.num_layers,
         "mlp_hidden_size": model_cfg.ffn_hidden_size, "vocab_size": vocab_size, "embedding_size": vocab_size,
         "rope_theta": float(model_cfg.rotary_base), "rms_norm_eps": model_cfg.layernorm_epsilon,
-        "max_sequence_length": max_length, "mask_token_id": vocab_size - 1, "block_type": "llama",
+        "max_sequence_length": max_length, "block_type": "llama",
+        "mask_token_id": vocab_size - 1 if mask_token_id is None else mask_token_id,
         "activation_type": "silu", "layer_norm_type": "rms", "weight_tying": False, "include_bias": False,
         "include_qkv_bias": False, "rope": True, "alibi": False, "scale_logits": False, "input_emb_norm": False,
         "attention_layer_norm": False, "attention_dropout": 0.0, "residual_dropout": 0.0, "embedding_dropout": 0.0,

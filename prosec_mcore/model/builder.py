@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 
 from ..config import Config, ConfigError
-from .layer_specs import block_spec, select_backend
+from .layer_specs import block_spec, describe_backend, select_backend
 from .prosec_model import ProSeCoModel, ProSeCoTransformerConfig
 
 # The vocabulary is padded to a multiple of this (divisible by every power-of-two TP size up to
@@ -31,7 +31,10 @@ def params_dtype(precision: str) -> torch.dtype:
 
 
 def transformer_config(cfg: Config) -> ProSeCoTransformerConfig:
-    m, p = cfg.model, cfg.parallel
+    """megatron-core's TransformerConfig for this run: shape, parallel layout, precision (bf16 or
+    fp32 parameters; FP8 GEMMs through Transformer Engine with `train.fp8`), activation
+    recomputation and CUDA graphs. validate_config has already refused what cannot run here."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
     dtype = params_dtype(cfg.train.precision)
     on_gpu = torch.cuda.is_available()
     dit = m.style == "dit"
@@ -75,6 +78,17 @@ def transformer_config(cfg: Config) -> ProSeCoTransformerConfig:
         zero_timestep=m.zero_timestep,
         time_embedder_seed=cfg.train.seed,
         output_layer_bias=dit,
+        # FP8 (TE layers only). megatron wraps each layer's forward in TE's fp8 autocast with the
+        # recipe built from these fields (megatron/core/fp8_utils.py: get_fp8_recipe).
+        fp8=t.fp8,
+        fp8_recipe=t.fp8_recipe,
+        fp8_margin=t.fp8_margin,
+        fp8_amax_history_len=t.fp8_amax_history_len,
+        fp8_amax_compute_algo=t.fp8_amax_compute_algo,
+        recompute_granularity=t.recompute_granularity,
+        recompute_method=t.recompute_method,
+        recompute_num_layers=t.recompute_num_layers,
+        cuda_graph_impl=t.cuda_graph_impl,
     )
 
 
@@ -82,6 +96,9 @@ def build_model(cfg: Config, vocab_size: int, backend: str = "auto", vp_stage: i
     """One model chunk of this rank: the layers of its (virtual) pipeline stage, its vocab shard."""
     config = transformer_config(cfg)
     backend = select_backend(backend)
+    if cfg.train.fp8 and backend != "te":  # validate_config only saw that TE is installed
+        raise ConfigError(f"train.fp8={cfg.train.fp8} needs the Transformer Engine layers, but they cannot "
+                          f"be used here ({describe_backend()[1]}); drop train.fp8")
     model = ProSeCoModel(
         config=config,
         transformer_layer_spec=block_spec(config, cfg.model.style, cfg.model.time_conditioning, backend, vp_stage),

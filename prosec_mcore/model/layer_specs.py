@@ -30,14 +30,31 @@ from .adaln_layer import AdaLNTransformerLayer
 from .norms import norm_class
 
 
-def transformer_engine_available() -> bool:
-    try:
-        import torch
-        import transformer_engine  # noqa: F401
+def _transformer_engine_status() -> tuple[bool, str]:
+    """(usable, why): TE is used only when it imports *and* a CUDA device is present."""
+    import torch
 
-        return torch.cuda.is_available()
-    except Exception:  # ImportError, or a TE build that cannot load its CUDA libraries
-        return False
+    try:
+        import transformer_engine
+    except ImportError:
+        return False, "transformer_engine is not installed"
+    except Exception as err:  # a TE build that cannot load its CUDA libraries
+        return False, f"transformer_engine failed to import ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device (Transformer Engine runs on GPUs only)"
+    return True, f"Transformer Engine {getattr(transformer_engine, '__version__', '?')} with CUDA"
+
+
+def transformer_engine_available() -> bool:
+    return _transformer_engine_status()[0]
+
+
+def describe_backend(requested: str = "auto") -> tuple[str, str]:
+    """The backend `select_backend` picks and the reason, for the start-up log."""
+    usable, why = _transformer_engine_status()
+    if requested == "auto":
+        return ("te", why) if usable else ("local", why)
+    return requested, "requested explicitly" + ("" if requested == "local" or usable else f", but {why}")
 
 
 def select_backend(requested: str = "auto") -> str:
@@ -46,6 +63,20 @@ def select_backend(requested: str = "auto") -> str:
     if requested == "te" and not transformer_engine_available():
         raise RuntimeError("model backend 'te' needs Transformer Engine and a GPU; use backend=local")
     return requested
+
+
+def attention_kernels(backend: str) -> str:
+    """Which attention implementation runs. TE picks flash / cuDNN fused / unfused per call from
+    the shapes, dtype and GPU; the NVTE_* switches below force it (NVTE_DEBUG=1
+    NVTE_DEBUG_LEVEL=2 makes TE log each choice)."""
+    if backend != "te":
+        return "megatron-core DotProductAttention (unfused: baddbmm, softmax, bmm; no mask)"
+    import os
+
+    switches = " ".join(f"{k}={os.environ[k]}" for k in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
+                        if k in os.environ)
+    return ("TEDotProductAttention (no mask; flash / cuDNN fused / unfused chosen per call by TE"
+            + (f"; {switches}" if switches else "") + ")")
 
 
 @functools.cache

@@ -47,6 +47,19 @@ The patches (as named by ``describe_cpu_compat()``):
     first and last pipeline stage; while that one method runs,
     ``Tensor.cuda`` returns the tensor itself.
 
+Asynchronous checkpoint saves (``checkpoint.async_save``) need only the torch
+view of ``dist_checkpointing.strategies.async_utils``: its ``TemporalAsyncCaller``
+calls ``torch.cuda.synchronize()`` before forking the writer, and the
+collective "is every rank's writer done" check and the finalisation check
+all-reduce int tensors created on ``torch.cuda.current_device()``. The fork
+itself works on CPU and is what makes the save consistent there: the writer
+gets a copy-on-write snapshot of parameters that training then updates in
+place (on CPU megatron's "preload to host" step is ``tensor.to("cpu")``, which
+returns the live tensor, not a copy). megatron's ``PersistentAsyncCaller`` is
+not usable on CPU: its spawned worker calls ``torch.cuda.set_device``, and CPU
+tensors sent through its queue are moved to shared memory, i.e. the worker
+would read the live, changing parameters. prosec uses the non-persistent queue.
+
 Not patched on purpose: the distributed optimizer (rejects non-CUDA tensors;
 use ``use_distributed_optimizer=False``), overlapped grad reduction (CUDA
 streams; keep ``overlap_grad_reduce=False``), ``enable_autocast``,
@@ -80,6 +93,7 @@ _DEVICE_MODULES = {
     "megatron.core.pipeline_parallel.p2p_communication": "shape buffers, synchronize",
     "megatron.core.dist_checkpointing.strategies.filesystem_async": "checkpoint write: synchronize",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver": "checkpoint plan-reuse / failure flags",
+    "megatron.core.dist_checkpointing.strategies.async_utils": "async save: synchronize before fork, done flags",
 }
 
 _APPLIED: list[str] = []

@@ -11,6 +11,15 @@ has finished writing its shards (a barrier), then `latest` is switched with an a
 crash or `kill -9` at any moment of a save therefore leaves the previous checkpoint as latest;
 a leftover partial directory is ignored when loading and replaced by the next save.
 
+Asynchronous saves (`checkpoint.async_save=true`) split a save in two. Now: the state is planned
+and handed to a forked writer process (megatron-core's `AsyncCallsQueue`; a fork gives the writer
+a copy-on-write snapshot of the weights, so training may change them meanwhile), and training goes
+on. Later: once every rank's writer has finished (megatron checks it collectively), the request's
+finalize functions run on all ranks: torch_dist's metadata, megatron's metadata.json, and last our
+`_finalize` (COMPLETE, `latest`, pruning). So COMPLETE still means "every rank wrote everything",
+and the crash guarantee is unchanged. The trainer finalises pending saves without waiting after
+every iteration, and waits for them before the next save, before loading and before exiting.
+
 What a checkpoint holds: the model (sharded tensors keyed by global names, so any TP/PP/DP layout
 can load them), the optimizer state mapped onto the model's shards (megatron's reshardable
 format; the distributed optimizer saves `fully_sharded_model_space`), the LR scheduler, the
@@ -24,6 +33,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import time
 
 import numpy as np
@@ -117,8 +127,14 @@ def _sharded_state_dict(trainer, is_loading: bool, with_rng: bool) -> dict:
     return state
 
 
-def save_checkpoint(trainer, iteration: int, save_dir: str, keep_last: int) -> str:
-    """Write checkpoint `iteration` on every rank; returns its path once it is COMPLETE."""
+def save_checkpoint(trainer, iteration: int, save_dir: str, keep_last: int, async_queue=None,
+                    on_complete=None) -> str:
+    """Write checkpoint `iteration` on every rank and return its path.
+
+    Without `async_queue` the function returns once the checkpoint is COMPLETE. With one (a
+    megatron `AsyncCallsQueue`) it returns as soon as the background write is scheduled; COMPLETE,
+    `latest` and pruning happen when the queue finalises the request, after every rank's writer
+    finished. `on_complete(path)` runs on every rank once the checkpoint is COMPLETE."""
     from ..config_loader import config_to_dict
 
     path = os.path.join(save_dir, checkpoint_name(iteration))
@@ -135,14 +151,44 @@ def save_checkpoint(trainer, iteration: int, save_dir: str, keep_last: int) -> s
     state["layout"] = layout()
     state["config"] = config_to_dict(trainer.cfg)
     state["vocab_size"] = trainer.vocab_size
-    dist_checkpointing.save(state, path)
+    state.update(_tokenizer_record(trainer))
+
+    def finalize():
+        _finalize(save_dir, iteration, keep_last, {"layout": layout(), "seconds": time.time() - start,
+                                                   "async": async_queue is not None})
+        if on_complete is not None:
+            on_complete(path)
+
+    if async_queue is None:
+        dist_checkpointing.save(state, path)
+        finalize()
+    else:
+        request = dist_checkpointing.save(state, path, async_sharded_save=True)
+        request.add_finalize_fn(finalize)  # after megatron's own finalisation (metadata files)
+        sys.stdout.flush()  # the forked writer flushes inherited stdio buffers when it exits
+        sys.stderr.flush()
+        async_queue.schedule_async_request(request)
+    return path
+
+
+def _tokenizer_record(trainer) -> dict:
+    """Which ids the model may predict: recorded so that a run with another tokenizer is refused."""
+    out = {}
+    for key in ("mask_id", "tokenizer_vocab_size"):
+        if getattr(trainer, key, None) is not None:
+            out[key] = int(getattr(trainer, key))
+    return out
+
+
+def _finalize(save_dir: str, iteration: int, keep_last: int, info: dict) -> None:
+    """Runs on every rank once every rank has written its shards (sync: right after writing;
+    async: when the queue finalises the request)."""
     _fault_injection("after_shards", iteration)
     torch.distributed.barrier()  # every rank has written its shards
-    if rank0:
-        mark_complete(save_dir, iteration, {"layout": layout(), "seconds": time.time() - start})
+    if torch.distributed.get_rank() == 0:
+        mark_complete(save_dir, iteration, info)
         _prune(save_dir, keep_last)
     torch.distributed.barrier()
-    return path
 
 
 def mark_complete(save_dir: str, iteration: int, info: dict) -> None:
@@ -172,8 +218,8 @@ def _fault_injection(point: str, iteration: int) -> None:
         os._exit(137)
 
 
-def check_compatible(saved_cfg: dict, cfg, vocab_size: int, path: str) -> None:
-    """Refuse a checkpoint of another model shape or vocabulary, naming the mismatch."""
+def check_compatible(saved_cfg: dict, cfg, vocab_size: int, path: str, mask_id: int | None = None) -> None:
+    """Refuse a checkpoint of another model shape, vocabulary or mask id, naming the mismatch."""
     saved_model = saved_cfg["model"]
     for key in SHAPE_KEYS:
         if saved_model.get(key) != getattr(cfg.model, key):
@@ -181,8 +227,12 @@ def check_compatible(saved_cfg: dict, cfg, vocab_size: int, path: str) -> None:
                               f"{getattr(cfg.model, key)!r}; load it with the same model settings")
     saved_vocab = saved_cfg.get("vocab_size")
     if saved_vocab is not None and saved_vocab != vocab_size:
-        raise ConfigError(f"checkpoint {path} was trained with a vocabulary of {saved_vocab} tokens but this run's "
-                          f"tokenizer has {vocab_size}; use the checkpoint's tokenizer")
+        raise ConfigError(f"checkpoint {path} has a vocabulary of {saved_vocab} rows but this run's model has "
+                          f"{vocab_size}; use the checkpoint's tokenizer (and model.vocab_size={saved_vocab})")
+    saved_mask = saved_cfg.get("mask_id")
+    if saved_mask is not None and mask_id is not None and saved_mask != mask_id:
+        raise ConfigError(f"checkpoint {path} was trained with mask id {saved_mask} but this run's tokenizer has "
+                          f"mask id {mask_id}; name the checkpoint's mask token with data.tokenizer.mask_token")
 
 
 def load_checkpoint(trainer, path: str) -> tuple[int, bool]:
@@ -193,7 +243,8 @@ def load_checkpoint(trainer, path: str) -> tuple[int, bool]:
         raise ConfigError(f"{path} is not a complete checkpoint (no {COMPLETE} marker: the save was interrupted); "
                           f"point checkpoint.load at a complete one")
     common = dist_checkpointing.load_common_state_dict(path)
-    check_compatible(common["config"] | {"vocab_size": common.get("vocab_size")}, trainer.cfg, trainer.vocab_size, path)
+    check_compatible(common["config"] | {"vocab_size": common.get("vocab_size"), "mask_id": common.get("mask_id")},
+                     trainer.cfg, trainer.vocab_size, path, getattr(trainer, "mask_id", None))
     if common.get("model_only"):  # e.g. imported from Hugging Face: weights only, training starts at 0
         _load_model_state(trainer, dist_checkpointing.load(_model_sharded_state(trainer), path))
         trainer.optimizer.reload_model_params()  # the optimizer's fp32 main copies, when there are any

@@ -1,7 +1,9 @@
 """Where a run's numbers go: the console, `<run_dir>/metrics.jsonl`, tensorboard, wandb.
 
 One JSON object per training iteration in metrics.jsonl (validation results are merged into the
-line of the iteration at which they were computed, prefixed `valid_`). Tensorboard and wandb
+line of the iteration at which they were computed, prefixed `valid_`): the loss terms, LR, gradient
+norm, tokens/s, TFLOP/s per GPU, MFU (on a GPU of the peak table, perf/flops.py) and memory (GPU
+peak allocated, or RSS on CPU). Every numeric field also goes to tensorboard and wandb. Tensorboard and wandb
 (offline unless the user asks otherwise) are optional: a missing package is reported once and
 skipped, never fatal.
 """
@@ -17,6 +19,18 @@ def _format_eta(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h:d}:{m:02d}:{s:02d}"
+
+
+def _speed(record: dict) -> str:
+    """' | 312 TFLOP/s/GPU | MFU 31.5% | 41.2 GiB' from the throughput metrics the record has."""
+    out = ""
+    if "tflops_per_gpu" in record:
+        out += f" | {record['tflops_per_gpu']:.3g} TFLOP/s/GPU"
+    if "mfu" in record:
+        out += f" | MFU {100 * record['mfu']:.1f}%"
+    if "gpu_mem_peak_gib" in record:
+        out += f" | {record['gpu_mem_peak_gib']:.1f} GiB peak"
+    return out
 
 
 class MetricsLogger:
@@ -65,7 +79,7 @@ class MetricsLogger:
                 eta = f" | ETA {_format_eta(seconds_per_iter * (self.total_iters - step))}"
             line = (f"iter {step:>6}/{self.total_iters} | loss {record['loss']:.4f} | mdm {record['mdm_loss']:.4f}"
                     f" | sc {record['sc_loss']:.4f} | lr {record['lr']:.2e} | grad_norm {record.get('grad_norm', 0.0):.3f}"
-                    f" | {record['tokens_per_s']:.0f} tok/s{eta}")
+                    f" | {record['tokens_per_s']:.0f} tok/s{_speed(record)}{eta}")
             if "valid_nelbo" in record:
                 line += (f"\n           valid: nelbo {record['valid_nelbo']:.4f} | ppl<= {record['valid_ppl_bound']:.2f}"
                          f" | corrector_nll {record['valid_corrector_nll']:.4f}")

@@ -1,7 +1,13 @@
 """Megatron-core DDP, optimizer and learning-rate schedule for the model chunks.
 
-GPU: overlapped gradient reduction and the distributed optimizer. CPU (gloo): the plain
-optimizer, since megatron-core's distributed optimizer only handles CUDA tensors.
+Data-parallel speed features (`parallel.*`, each None = automatic: on with CUDA, off on CPU):
+  use_distributed_optimizer  the Adam state and fp32 main weights are sharded over the DP ranks
+                             (ZeRO-1); gradients are reduce-scattered, updated parameters all-gathered.
+  overlap_grad_reduce        gradient buckets are reduced while the backward pass still runs.
+  overlap_param_gather       (off unless asked) the all-gather of updated parameters runs during
+                             the next forward, bucket by bucket, from forward pre-hooks.
+Gradients are reduced in fp32 (bf16 runs keep fp32 main weights in the optimizer). On CPU (gloo)
+the plain optimizer runs, since megatron-core's distributed optimizer only handles CUDA tensors.
 """
 from __future__ import annotations
 
@@ -10,16 +16,32 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from ..config import TrainConfig
+from ..config import ParallelConfig, TrainConfig
 
 
-def wrap_ddp(model_chunks, transformer_config):
+def data_parallel_features(parallel: ParallelConfig | None = None) -> dict:
+    """The resolved DDP settings: `parallel.*` where set, otherwise on with CUDA and off on CPU."""
+    parallel = parallel or ParallelConfig()
     on_gpu = torch.cuda.is_available()
+
+    def auto(value):
+        return on_gpu if value is None else bool(value)
+
+    dist_opt = auto(parallel.use_distributed_optimizer)
+    return {
+        "use_distributed_optimizer": dist_opt,
+        "overlap_grad_reduce": auto(parallel.overlap_grad_reduce),
+        "overlap_param_gather": bool(parallel.overlap_param_gather) and dist_opt,
+    }
+
+
+def wrap_ddp(model_chunks, transformer_config, parallel: ParallelConfig | None = None):
+    on_gpu = torch.cuda.is_available()
+    features = data_parallel_features(parallel)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=on_gpu,
-        use_distributed_optimizer=on_gpu,
         bucket_size=None if on_gpu else 10**9,
+        **features,
     )
     wrapped = []
     for i, chunk in enumerate(model_chunks):
@@ -30,7 +52,7 @@ def wrap_ddp(model_chunks, transformer_config):
     return wrapped
 
 
-def build_optimizer(model_chunks, train: TrainConfig, bf16: bool):
+def build_optimizer(model_chunks, train: TrainConfig, bf16: bool, parallel: ParallelConfig | None = None):
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam",
@@ -43,7 +65,7 @@ def build_optimizer(model_chunks, train: TrainConfig, bf16: bool):
             clip_grad=train.clip_grad,
             bf16=bf16,
             params_dtype=torch.bfloat16 if bf16 else torch.float32,
-            use_distributed_optimizer=torch.cuda.is_available(),
+            use_distributed_optimizer=data_parallel_features(parallel)["use_distributed_optimizer"],
         ),
         model_chunks,
     )

@@ -90,7 +90,10 @@ def noise_microbatch(mb: dict, schedule: NoiseSchedule, settings: NoiseSettings,
 
 
 class ProSeCoStep:
-    """Runs the forward/backward work of one global batch and returns its metrics."""
+    """Runs the forward/backward work of one global batch and returns its metrics.
+
+    `vocab_size` is the tokenizer's vocabulary: ids at or beyond it (model rows of a pretrained
+    vocabulary, megatron padding) and `mask_id` are never predicted (losses.invalid_vocab_mask)."""
 
     def __init__(self, model_chunks, config, objective: str, loss_opts: losses.LossOptions,
                  schedule: NoiseSchedule, mask_id: int, vocab_size: int, seq_length: int, micro_batch_size: int):

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.cli import ok, run_tool
+from tests.cli import ok, read_metrics, run_tool
 
 ARGS = ["--sampler", "proseco", "--steps", "6", "--corrector-steps", "2", "--corrector-every", "2",
         "--num-samples", "6", "--batch-size", "3", "--seed", "11"]
@@ -29,7 +29,8 @@ def trained(tmp_path_factory, shakespeare_corpus):
     cli("pretrain_prosec.py", shakespeare_corpus + [
         "model.hidden_size=32", "model.ffn_hidden_size=128", "model.num_layers=2", "model.time_embedding_dim=16",
         "data.seq_length=32", "train.iters=3", "train.global_batch_size=4", "train.micro_batch_size=4",
-        "train.lr_warmup_iters=0", "train.eval_interval=0", "checkpoint.save_interval=3", f"run_dir={run_dir}"])
+        "train.lr_warmup_iters=0", "train.eval_interval=3", "train.eval_iters=2", "checkpoint.save_interval=3",
+        f"run_dir={run_dir}"])
     return run_dir
 
 
@@ -74,3 +75,15 @@ def test_hf_export_samples_like_the_megatron_model(trained, tmp_path):
     same = sum(a["tokens"] == b["tokens"] for a, b in zip(mega_rows, hf_rows))
     assert same >= 5, same
     assert hf_summary["nfe"] == mega_summary["nfe"] or same < 6
+
+
+def test_evaluate_nelbo_reproduces_the_training_validation(trained, tmp_path):
+    out = tmp_path / "nelbo.json"
+    printed = cli("evaluate_prosec.py", ["nelbo", str(trained), "--eval-iters", "2", "--out", str(out)])
+    assert "valid_nelbo" in printed
+    with open(out) as f:
+        result = json.load(f)
+    logged = [m for m in read_metrics(trained) if "valid_nelbo" in m][-1]
+    assert result["iteration"] == logged["iteration"] == 3
+    for key in ("valid_nelbo", "valid_corrector_nll"):
+        assert result[key] == pytest.approx(logged[key], rel=1e-6), key

@@ -2,6 +2,7 @@
 -> `AutoModelForMaskedLM.from_pretrained(trust_remote_code=True)` -> back to a checkpoint that
 training continues from; the round trip reproduces every tensor exactly."""
 import os
+import shlex
 
 import pytest
 import torch
@@ -64,7 +65,7 @@ def test_export_loads_in_transformers_with_matching_logits(trained, tmp_path, si
     assert set(first) == set(second)
     assert all(torch.equal(first[k], second[k]) for k in first)
 
-    overrides = printed.split("train from it with: ")[1].split()
+    overrides = shlex.split(printed.split("train from it with: ")[1].splitlines()[0])
     run = tmp_path / "continued"
     log = cli("pretrain_prosec.py", overrides + [f"data.prepare_dir={common['config']['data']['prepare_dir']}",
                                                  "data.seq_length=32", "train.iters=2", "train.global_batch_size=4",

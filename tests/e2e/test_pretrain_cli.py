@@ -47,7 +47,7 @@ def test_mdlm_objective_runs_one_pass(shakespeare_corpus, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["data.prepare_dir=/nonexistent/corpus"], "python tools/prepare_data.py"),
-    (["model.vocab_size=5000"], "does not match the tokenizer's vocabulary of 1024"),
+    (["model.vocab_size=1000"], "is smaller than the tokenizer's vocabulary of 1024"),
     (["train.itres=5"], "unknown key 'train.itres' (did you mean train.iters?)"),
     (["--tp", "3"], "is not divisible by tp=3"),
     (["data.seq_length=512"], "exceeds the model's maximum"),

@@ -61,6 +61,30 @@ def test_pad_and_decode():
     assert decode_molecule(torch.tensor(ids), tok) == "C(=O)N"  # nothing after the first special id
 
 
+def test_evaluate_tool_scores_known_molecules(prepared, tmp_path):
+    import json
+
+    from tests.cli import ok, run_tool
+
+    out, _ = prepared
+    tok = build_tokenizer("auto", str(out))
+    train = training_smiles(str(out), "70,30,0")
+    novel = next(m for m in ("CC(C)C", "CCCO", "OCCO") if m not in train)
+    rows = [train[0], novel, "C1CC", novel]  # in the training set, novel, invalid (open ring), duplicate
+    samples = tmp_path / "s.jsonl"
+    with open(samples, "w") as f:
+        for i, smi in enumerate(rows):
+            f.write(json.dumps({"index": i, "tokens": pad_document(tok.encode(smi), tok.eod, tok.pad, 16).tolist()}) + "\n")
+    metrics_path = tmp_path / "m.json"
+    printed = ok(run_tool("evaluate_prosec.py", ["samples", str(samples), "--molecules", str(out), "--split",
+                                                 "70,30,0", "--out", str(metrics_path)])).stdout
+    assert "validity" in printed
+    with open(metrics_path) as f:
+        m = json.load(f)[0]
+    assert (m["num_samples"], m["num_valid"], m["num_unique"], m["num_novel"]) == (4, 3, 2, 1)
+    assert m["fcd"] == m["fcd"] and m["fcd"] >= 0  # computed (not NaN) against the held-out molecules
+
+
 def test_missing_data_is_reported(tmp_path):
     with pytest.raises(FileNotFoundError, match="qm9_part"):
         prepare_qm9_corpus(str(tmp_path / "out"), source=str(tmp_path))
