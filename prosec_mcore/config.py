@@ -44,6 +44,7 @@ class ModelConfig:
     time_conditioning: str = "adaln"
     zero_timestep: bool = False
     time_embedding_dim: int = 64  # "cond_dim" of the reference DiT
+    num_classes: int = 0  # > 0: class-label conditioning for classifier-free guidance (needs adaln)
     rotary_base: int = 10000
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
@@ -75,6 +76,7 @@ class DataConfig:
     split: str = "90,10,0"
     num_workers: int = 0
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    labels: Optional[str] = None  # .npy of one int label per document (model.num_classes > 0)
 
 
 @dataclass
@@ -99,6 +101,7 @@ class ObjectiveConfig:
     corrector_input: str = "all"
     errors_upweighted: bool = False
     weighted_corrector_loss: bool = True
+    cond_dropout: float = 0.1  # label-conditioned models: P(label -> null label) per sample
 
 
 @dataclass
@@ -278,6 +281,14 @@ def validate_config(cfg: Config, world_size: int = 1, cuda_available: bool | Non
             f"sequence parallel splits the sequence over tp={p.tp} ranks: "
             f"data.seq_length={cfg.data.seq_length} must be divisible by it"
         )
+    if m.num_classes < 0 or not 0.0 <= cfg.objective.cond_dropout < 1.0:
+        raise ConfigError("model.num_classes must be >= 0 and objective.cond_dropout in [0, 1)")
+    if m.num_classes and m.time_conditioning != "adaln":
+        raise ConfigError(f"model.num_classes={m.num_classes} conditions through adaLN: it needs "
+                          f"model.time_conditioning=adaln")
+    if bool(m.num_classes) != bool(cfg.data.labels):
+        raise ConfigError("label conditioning needs both model.num_classes > 0 and data.labels=<labels.npy> "
+                          f"(got num_classes={m.num_classes}, labels={cfg.data.labels})")
     if cfg.data.seq_length > m.max_sequence_length:
         raise ConfigError(
             f"data.seq_length={cfg.data.seq_length} exceeds the model's maximum "

@@ -49,6 +49,10 @@ def parse_args(argv=None):
     p.add_argument("--prompt", default=None, help="text whose tokens fix the first positions")
     p.add_argument("--template", default=None, help="fixed text with --blank where to generate")
     p.add_argument("--blank", default="_")
+    p.add_argument("--label", type=int, default=None,
+                   help="class label of a label-conditioned model (model.num_classes > 0)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance strength gamma with --label (1: plain conditional)")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--out", default=None, help="default: <model>/samples/<sampler>_T<steps>_s<seed>.jsonl")
     return p.parse_args(argv)
@@ -79,6 +83,27 @@ def build_prompt(args, tokenizer, length):
     return prompt, fixed
 
 
+def conditioning(args, loaded):
+    """(denoiser, labels): the plain model, the model given --label, or CFG with --guidance."""
+    import torch
+
+    from prosec_mcore.sampling import GuidedDenoiser
+
+    num_classes = getattr(loaded.denoiser, "num_classes", 0)
+    if args.label is None:
+        if args.guidance is not None:
+            raise ValueError("--guidance needs --label (the class to guide towards)")
+        return loaded.denoiser, None
+    if not num_classes:
+        raise ValueError("--label needs a label-conditioned model (trained with model.num_classes > 0)")
+    if not 0 <= args.label < num_classes:
+        raise ValueError(f"--label {args.label} is outside the model's classes 0..{num_classes - 1}")
+    label = torch.tensor([args.label])
+    if args.guidance is None:
+        return loaded.denoiser, label
+    return GuidedDenoiser(loaded.denoiser, label, null_label=num_classes, gamma=args.guidance), None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -101,6 +126,7 @@ def main(argv=None) -> int:
             loaded = load_from_checkpoint(args.model, tp=args.tp)
         length = args.length or loaded.seq_length
         prompt, fixed = build_prompt(args, loaded.tokenizer, length)
+        denoiser, labels = conditioning(args, loaded)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -121,8 +147,8 @@ def main(argv=None) -> int:
         print(f"[generate] {loaded.source} | {spec.describe()} | {args.num_samples} samples x {length} tokens "
               f"| seed {args.seed} | world {world} (tp {args.tp}, dp {dp_size})", flush=True)
     start = time.time()
-    out = generate(spec, loaded.denoiser, loaded.schedule, args.num_samples, args.batch_size, length,
-                   args.seed, dp_rank, dp_size, prompt, fixed, progress=progress)
+    out = generate(spec, denoiser, loaded.schedule, args.num_samples, args.batch_size, length,
+                   args.seed, dp_rank, dp_size, prompt, fixed, labels, progress=progress)
     parts = [out]
     if dp_size > 1:
         parts = [None] * dp_size
@@ -141,7 +167,8 @@ def main(argv=None) -> int:
     summary = {"model": loaded.source, "iteration": loaded.iteration, **spec.describe(),
                "num_samples": len(tokens), "batch_size": args.batch_size, "length": length, "seed": args.seed,
                **totals, **{f"{k}_per_batch": totals[k] / n_batches for k in ("nfe", "nfe_unmask", "nfe_correct")},
-               "seconds": round(time.time() - start, 2), "prompt": args.prompt, "template": args.template}
+               "seconds": round(time.time() - start, 2), "prompt": args.prompt, "template": args.template,
+               "label": args.label, "guidance": args.guidance}
     path = args.out or os.path.join(args.model, "samples", f"{args.sampler}_T{args.steps}_s{args.seed}.jsonl")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:

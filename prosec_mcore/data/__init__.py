@@ -19,6 +19,7 @@ from prosec_mcore.data.corpus import prepare_shakespeare_corpus, strip_gutenberg
 from prosec_mcore.data.datasets import (
     GlobalBatchIterator,
     build_datasets,
+    load_document_labels,
     make_batch_iterator,
     validate_indexed_dataset,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "build_tokenizer",
     "iter_jsonl_documents",
     "iter_text_documents",
+    "load_document_labels",
     "make_batch_iterator",
     "prepare_shakespeare_corpus",
     "preprocess_documents",

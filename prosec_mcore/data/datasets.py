@@ -178,12 +178,14 @@ class GlobalBatchIterator:
 
     Each micro-batch is a dict of LongTensors: ``tokens [m, L]``, ``sample_index [m]``
     (``iteration * G + position``; the dataset index is that modulo ``len(dataset)``),
-    ``batch_position [m]`` (0..G-1) and ``global_batch_index [m]`` (the iteration).
+    ``batch_position [m]`` (0..G-1) and ``global_batch_index [m]`` (the iteration), plus
+    ``labels [m]`` when per-document ``labels`` are given (see :func:`load_document_labels`).
     Iterates forever unless ``end_iteration`` is given (exclusive).
     """
 
     def __init__(self, dataset, global_batch_size: int, micro_batch_size: int, dp_rank: int = 0,
-                 dp_size: int = 1, start_iteration: int = 0, end_iteration: Optional[int] = None):
+                 dp_size: int = 1, start_iteration: int = 0, end_iteration: Optional[int] = None,
+                 labels: Optional[np.ndarray] = None):
         G, m = global_batch_size, micro_batch_size
         if G < 1 or m < 1 or dp_size < 1:
             raise ValueError("global_batch_size, micro_batch_size and dp_size must be >= 1")
@@ -207,6 +209,7 @@ class GlobalBatchIterator:
         self.iteration = start_iteration  # the iteration the next micro-batch belongs to
         self._next_micro = 0  # index of the next micro-batch within that iteration
         self.end_iteration = end_iteration
+        self.labels = labels
 
     def microbatch(self, iteration: int, index: int) -> dict[str, torch.Tensor]:
         """Micro-batch ``index`` (0..num_microbatches-1) of this rank at ``iteration``."""
@@ -215,12 +218,16 @@ class GlobalBatchIterator:
         sample_index = iteration * self.global_batch_size + positions
         n = len(self.dataset)
         tokens = torch.stack([self.dataset[int(i) % n]["tokens"] for i in sample_index])
-        return {
+        batch = {
             "tokens": tokens.long(),
             "sample_index": sample_index,
             "batch_position": positions,
             "global_batch_index": torch.full_like(positions, iteration),
         }
+        if self.labels is not None:
+            docs = [sample_document(self.dataset, int(i) % n) for i in sample_index]
+            batch["labels"] = torch.as_tensor(self.labels[docs], dtype=torch.long)
+        return batch
 
     def microbatches(self, iteration: int) -> list[dict[str, torch.Tensor]]:
         """All of this rank's micro-batches of one iteration, in order."""
@@ -240,8 +247,45 @@ class GlobalBatchIterator:
 
 
 def make_batch_iterator(dataset, global_batch_size: int, micro_batch_size: int, dp_rank: int,
-                        dp_size: int, start_iteration: int = 0,
-                        end_iteration: Optional[int] = None) -> GlobalBatchIterator:
+                        dp_size: int, start_iteration: int = 0, end_iteration: Optional[int] = None,
+                        labels: Optional[np.ndarray] = None) -> GlobalBatchIterator:
     """Convenience constructor for :class:`GlobalBatchIterator`."""
     return GlobalBatchIterator(dataset, global_batch_size, micro_batch_size, dp_rank, dp_size,
-                               start_iteration, end_iteration)
+                               start_iteration, end_iteration, labels)
+
+
+def sample_document(dataset, index: int) -> int:
+    """The (global) document id that sample ``index`` of a ``GPTDataset`` comes from; labels
+    belong to documents, so a labelled sample must lie inside one document. Reads megatron-core
+    0.16.1's sample index: the (document position, offset) where the sample starts and ends; a
+    document that contributes no token (the sample starts at its very end) does not count."""
+    position = dataset.shuffle_index[index]
+    begin, begin_offset = dataset.sample_index[position]
+    end, end_offset = dataset.sample_index[position + 1]
+    contributing = []
+    for i in range(int(begin), int(end) + 1):
+        doc = int(dataset.document_index[i])
+        stop = end_offset if i == end else dataset.dataset.sequence_lengths[doc]
+        start = begin_offset if i == begin else 0
+        if stop > start:
+            contributing.append(doc)
+    if len(contributing) != 1:
+        raise ValueError(f"sample {index} spans documents {contributing}: per-document labels need documents of "
+                         f"exactly seq_length tokens (one sample each), as QM9's")
+    return contributing[0]
+
+
+def load_document_labels(path: str, dataset, num_classes: int) -> np.ndarray:
+    """An int array with one class label per document of the indexed dataset (``.npy``),
+    checked against the dataset's document count and ``model.num_classes``."""
+    if not os.path.isfile(path):
+        raise ValueError(f"data.labels={path} does not exist; write one label per document "
+                         f"(e.g. `python tools/prepare_data.py --dataset qm9 --labels qed`)")
+    labels = np.load(path)
+    n_docs = len(dataset.dataset.sequence_lengths)
+    if labels.ndim != 1 or len(labels) != n_docs:
+        raise ValueError(f"data.labels={path} holds {labels.shape} labels; the dataset has {n_docs} documents")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"data.labels={path} has labels in [{labels.min()}, {labels.max()}] but "
+                         f"model.num_classes={num_classes}")
+    return labels.astype(np.int64)

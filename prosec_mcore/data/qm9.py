@@ -22,6 +22,10 @@ Documents are written in a seeded random order; megatron's split string (e.g.
 ``"95,5,0"``) then takes the train documents from the front and the validation
 documents after them.  :func:`training_smiles` returns the train split's
 molecules again, for the novelty metric.
+
+For classifier-free guidance, :func:`prepare_qm9_labels` writes one binary label per document,
+as the reference's QM9 guidance experiments define it: 1 when the molecule's property (QED or
+ring count) is at or above the given percentile over the data set, else 0.
 """
 
 from __future__ import annotations
@@ -188,3 +192,29 @@ def training_smiles(out_dir: str, split: str) -> list[str]:
     with open(os.path.join(out_dir, SMILES_FILE)) as f:
         molecules = f.read().split()
     return molecules[:int(round(parse_and_normalize_split(split)[0] * float(len(molecules))))]
+
+
+LABEL_PROPERTIES = ("qed", "ring_count")
+
+
+def prepare_qm9_labels(out_dir: str, prop: str = "qed", percentile: float = 90.0) -> str:
+    """Write ``qm9_labels_<prop>.npy`` (int64 0/1 per document, in document order) and the raw
+    values ``qm9_<prop>.npy``; returns the labels path (the training run's ``data.labels``)."""
+    if prop not in LABEL_PROPERTIES:
+        raise ValueError(f"unknown QM9 label property {prop!r}: choose one of {LABEL_PROPERTIES}")
+    from rdkit import Chem, RDLogger
+    from rdkit.Chem import QED, rdMolDescriptors
+
+    RDLogger.DisableLog("rdApp.*")
+    with open(os.path.join(out_dir, SMILES_FILE)) as f:
+        molecules = f.read().split()
+    measure = QED.qed if prop == "qed" else rdMolDescriptors.CalcNumRings
+    values = np.array([measure(Chem.MolFromSmiles(m)) for m in molecules], dtype=np.float64)
+    threshold = np.percentile(values, percentile)
+    labels = (values >= threshold).astype(np.int64)
+    np.save(os.path.join(out_dir, f"qm9_{prop}.npy"), values)
+    path = os.path.join(out_dir, f"qm9_labels_{prop}.npy")
+    np.save(path, labels)
+    print(f"[qm9] labels {path}: {prop} >= {threshold:.4g} (percentile {percentile}) for "
+          f"{labels.sum():,} of {len(labels):,} molecules")
+    return path

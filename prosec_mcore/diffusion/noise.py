@@ -21,6 +21,7 @@ split across ranks and micro-batches.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -32,6 +33,7 @@ STREAM_TRAIN_MASK = 2
 STREAM_VALID_TIME = 3
 STREAM_VALID_MASK = 4
 STREAM_SAMPLING = 5
+STREAM_LABEL_DROPOUT = 6
 
 _MASK64 = (1 << 64) - 1
 
@@ -87,6 +89,17 @@ class NoisedBatch:
     t: torch.Tensor  # [b] float32
     weight: torch.Tensor  # w(t), [b] float32
     sigma: torch.Tensor  # -log alpha_t, [b] float32 (time input of the network)
+    labels: Optional[torch.Tensor] = None  # class labels after condition dropout, [b] int64
+
+
+def drop_labels(seed: int, sample_index: torch.Tensor, labels: torch.Tensor, p: float, null_label: int,
+                stream: int = STREAM_LABEL_DROPOUT) -> torch.Tensor:
+    """Condition dropout for classifier-free guidance: each sample's label becomes `null_label`
+    with probability p, decided by (seed, sample index) alone, like the rest of the noise."""
+    if p <= 0:
+        return labels
+    drop = torch.tensor([_uniform(seed, stream, s, 1).item() < p for s in sample_index.tolist()])
+    return torch.where(drop, torch.full_like(labels, null_label), labels)
 
 
 def apply_forward_process(

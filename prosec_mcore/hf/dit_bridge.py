@@ -66,6 +66,9 @@ def hf_config(model_cfg, vocab_size: int, max_length: int, mask_token_id: int | 
         raise ValueError("the DiT bridge converts model.style=dit with model.time_conditioning=adaln")
     if model_cfg.ffn_hidden_size != 4 * model_cfg.hidden_size:
         raise ValueError(f"the reference DiT has ffn = 4 x hidden; this model has {model_cfg.ffn_hidden_size}")
+    if getattr(model_cfg, "num_classes", 0):
+        raise ValueError("exporting a label-conditioned model (model.num_classes > 0) is not supported: the "
+                         "exported modeling code has no label embedding; sample it with tools/generate_prosec.py")
     return {
         "model_type": "proseco", "architectures": ["Proseco"],
         "auto_map": {"AutoConfig": "configuration_proseco.ProsecoConfig",

@@ -76,6 +76,7 @@ def transformer_config(cfg: Config) -> ProSeCoTransformerConfig:
         time_conditioning=m.time_conditioning,
         time_embedding_dim=m.time_embedding_dim,
         zero_timestep=m.zero_timestep,
+        num_classes=m.num_classes,
         time_embedder_seed=cfg.train.seed,
         output_layer_bias=dit,
         # FP8 (TE layers only). megatron wraps each layer's forward in TE's fp8 autocast with the

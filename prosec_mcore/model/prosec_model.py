@@ -32,6 +32,7 @@ class ProSeCoTransformerConfig(TransformerConfig):
     time_embedding_dim: int = 128
     zero_timestep: bool = False
     time_embedder_seed: int = 1234
+    num_classes: int = 0  # > 0: a class-label embedding joins the time embedding (classifier-free guidance)
     output_layer_bias: bool = False  # the reference DiT's final linear has a bias
 
 
@@ -61,7 +62,8 @@ class ProSeCoModel(GPTModel):
                 bias=True, skip_bias_add=False, gather_output=False, tp_group=self.pg_collection.tp,
             )
         if self.time_conditioning == "adaln":
-            self.time_embedder = TimestepEmbedder(config, config.time_embedding_dim, config.time_embedder_seed)
+            self.time_embedder = TimestepEmbedder(config, config.time_embedding_dim, config.time_embedder_seed,
+                                                  config.num_classes)
             # Every (virtual) stage holds a copy; count only the first one in the gradient norm.
             # `shared_embedding` gives each of these parameters its own DDP bucket (megatron's
             # rule for tied embeddings), so under the distributed optimizer every stage shards
@@ -83,8 +85,10 @@ class ProSeCoModel(GPTModel):
                     value.replica_id = (1,) + tuple(value.replica_id[1:])
         return state
 
-    def forward(self, input_ids: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, sigma: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [b, L] (z_t or y), sigma [b] -> vocab-parallel logits [b, L, V/tp].
+        labels [b]: class labels of a label-conditioned model (None: the null label).
 
         On a pipeline stage other than the first, the hidden states come from the previous
         stage through `set_input_tensor` and `input_ids` only supplies the shape.
@@ -95,12 +99,14 @@ class ProSeCoModel(GPTModel):
         rotary = self.rotary_pos_emb(seq_length)
 
         context = None
+        if labels is not None and self.time_conditioning != "adaln":
+            raise ValueError("labels condition the model through adaLN; this model has time_conditioning=none")
         if self.time_conditioning == "adaln":
             if sigma is None:
                 raise ValueError("time_conditioning=adaln needs sigma (the noise level) for each sample")
             if self.config.zero_timestep:
                 sigma = torch.zeros_like(sigma)
-            context = self.time_embedder(sigma)
+            context = self.time_embedder(sigma, labels)
 
         hidden = self.decoder(hidden_states=hidden, attention_mask=None, context=context, rotary_pos_emb=rotary)
         if not self.post_process:

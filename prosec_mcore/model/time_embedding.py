@@ -9,6 +9,11 @@
 sigma = -log alpha_t is what the reference backbone receives; `zero_timestep` feeds 0 instead
 (the reference OWT recipe), which keeps the adaLN path but makes its output a learned constant.
 
+A label-conditioned model (`model.num_classes` > 0, for classifier-free guidance) adds a learned
+embedding of the class label before the last SiLU: c = SiLU(MLP(sinusoidal(sigma)) + E[label]).
+Row `num_classes` of E is the "null" label: training replaces the label by it with probability
+`objective.cond_dropout`, so one network learns both p(x | z, label) and p(x | z).
+
 Under pipeline parallelism every stage needs c, so every stage holds a copy of the embedder.
 The copies start equal (seeded init) and stay equal because their gradients are summed over
 the pipeline group before each optimizer step (training/grads.py); all but the first stage's
@@ -35,22 +40,35 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int = FREQUENCY_DIM, max_period: 
 
 
 class TimestepEmbedder(torch.nn.Module):
-    """sigma [b] -> c [b, D] = SiLU(Linear(SiLU(Linear(sinusoidal(sigma)))))."""
+    """sigma [b] (and labels [b]) -> c [b, D] = SiLU(Linear(SiLU(Linear(sinusoidal(sigma)))) + E[label])."""
 
-    def __init__(self, config, embedding_dim: int, seed: int):
+    def __init__(self, config, embedding_dim: int, seed: int, num_classes: int = 0):
         super().__init__()
+        self.num_classes = num_classes
         self.fc1 = torch.nn.Linear(FREQUENCY_DIM, embedding_dim, dtype=config.params_dtype)
         self.fc2 = torch.nn.Linear(embedding_dim, embedding_dim, dtype=config.params_dtype)
+        self.label_embedding = (torch.nn.Embedding(num_classes + 1, embedding_dim, dtype=config.params_dtype)
+                                if num_classes else None)
         gen = torch.Generator().manual_seed(seed)  # identical on every rank and stage
         with torch.no_grad():
             for layer in (self.fc1, self.fc2):
                 layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * config.init_method_std)
                 layer.bias.zero_()
+            if self.label_embedding is not None:
+                self.label_embedding.weight.copy_(torch.randn(self.label_embedding.weight.shape, generator=gen)
+                                                  * config.init_method_std)
         mark_sequence_parallel(self, config.sequence_parallel)
 
-    def forward(self, sigma: torch.Tensor) -> torch.Tensor:
+    def forward(self, sigma: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         freq = sinusoidal_embedding(sigma).to(self.fc1.weight.dtype)
-        return F.silu(self.fc2(F.silu(self.fc1(freq))))
+        hidden = self.fc2(F.silu(self.fc1(freq)))
+        if self.label_embedding is not None:
+            if labels is None:  # unconditional: the null label
+                labels = torch.full(sigma.shape, self.num_classes, dtype=torch.long, device=sigma.device)
+            hidden = hidden + self.label_embedding(labels.to(hidden.device))
+        elif labels is not None:
+            raise ValueError("this model has no label conditioning (model.num_classes=0); drop the labels")
+        return F.silu(hidden)
 
 
 class AdaLNModulation(torch.nn.Module):

@@ -85,16 +85,18 @@ class MegatronDenoiser(Denoiser):
         conditioned = model.time_conditioning == "adaln" and not model.config.zero_timestep
         super().__init__(vocab_size, mask_id, time_conditioned=conditioned)
         self.model = model.eval()
+        self.num_classes = model.config.num_classes  # > 0: accepts labels; num_classes is the null label
 
     def logits(self, tokens, sigma, labels=None):
         from megatron.core import parallel_state
         from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-        if labels is not None:
-            raise ValueError("label conditioning is not part of the megatron model yet")
+        if labels is not None and not self.num_classes:
+            raise ValueError("this model was trained without labels (model.num_classes=0)")
         device = next(self.model.parameters()).device
         sigma = sigma.to(device=device, dtype=torch.float32)
-        out = self.model(tokens.to(device), sigma)
+        labels = None if labels is None else labels.to(device).expand(tokens.shape[0])
+        out = self.model(tokens.to(device), sigma, labels)
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
             out = gather_from_tensor_model_parallel_region(out)
         return out.float().cpu()

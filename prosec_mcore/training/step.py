@@ -32,7 +32,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ..diffusion import losses
-from ..diffusion.noise import NoisedBatch, apply_forward_process, sample_times, token_uniforms
+from ..diffusion.noise import NoisedBatch, apply_forward_process, drop_labels, sample_times, token_uniforms
 from ..diffusion.schedules import NoiseSchedule
 
 REPORT_KEYS = (
@@ -79,6 +79,8 @@ class NoiseSettings:
     global_batch_size: int
     time_stream: int
     mask_stream: int
+    cond_dropout: float = 0.0  # label-conditioned models: P(label -> null label)
+    null_label: int = 0
 
 
 def noise_microbatch(mb: dict, schedule: NoiseSchedule, settings: NoiseSettings, mask_id: int, device) -> NoisedBatch:
@@ -86,7 +88,11 @@ def noise_microbatch(mb: dict, schedule: NoiseSchedule, settings: NoiseSettings,
     t = sample_times(settings.seed, mb["sample_index"], mb["global_batch_index"], mb["batch_position"],
                      settings.global_batch_size, settings.eps, settings.antithetic, settings.time_stream)
     u = token_uniforms(settings.seed, mb["sample_index"], mb["tokens"].shape[1], settings.mask_stream)
-    return apply_forward_process(mb["tokens"].to(device), t, u, schedule, mask_id)
+    noised = apply_forward_process(mb["tokens"].to(device), t, u, schedule, mask_id)
+    if "labels" in mb:
+        labels = drop_labels(settings.seed, mb["sample_index"], mb["labels"], settings.cond_dropout, settings.null_label)
+        noised.labels = labels.to(device)
+    return noised
 
 
 class ProSeCoStep:
@@ -135,13 +141,15 @@ class ProSeCoStep:
 
     # ----------------------------------------------------------------- schedule passes
     def _run_pass(self, items, forward_only: bool, first_of_two: bool):
-        """One call of megatron's schedule over `items` = [(model_input, sigma, loss_fn), ...]."""
+        """One call of megatron's schedule over `items` = [(model_input, sigma, labels, loss_fn), ...]."""
         # The interleaved schedule reads one iterator per model chunk, each over all micro-batches.
         iterator = iter(items) if len(self.model) == 1 else [iter(items) for _ in self.model]
 
         def forward_step(data_iterator, model):
-            model_input, sigma, loss_fn = next(data_iterator)
-            return model(model_input, sigma), loss_fn
+            model_input, sigma, labels, loss_fn = next(data_iterator)
+            if labels is None:
+                return model(model_input, sigma), loss_fn
+            return model(model_input, sigma, labels=labels), loss_fn
 
         saved = (self.config.no_sync_func, self.config.grad_sync_func, self.config.finalize_model_grads_func)
         outer = contextlib.ExitStack()
@@ -191,13 +199,13 @@ class ProSeCoStep:
         noised = [noise_microbatch(mb, self.schedule, noise, self.mask_id, self.device) for mb in microbatches]
         clock.lap("noise")
         store: dict = {}
-        items = [(nb.noised, nb.sigma, partial(self._mdm_loss, nb, i, store)) for i, nb in enumerate(noised)]
+        items = [(nb.noised, nb.sigma, nb.labels, partial(self._mdm_loss, nb, i, store)) for i, nb in enumerate(noised)]
         reports = list(self._run_pass(items, forward_only, first_of_two=with_corrector))
         clock.lap("mdm_pass")
         if with_corrector:
             ys = self._share_corrector_inputs(store, len(noised), noised[0].clean)
             clock.lap("handoff")
-            items = [(y, nb.sigma, partial(self._sc_loss, nb, y)) for nb, y in zip(noised, ys)]
+            items = [(y, nb.sigma, nb.labels, partial(self._sc_loss, nb, y)) for nb, y in zip(noised, ys)]
             reports += list(self._run_pass(items, forward_only, first_of_two=False))
             clock.lap("sc_pass")
         self.last_timings = clock.laps

@@ -22,7 +22,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 
 from ..config import Config, ConfigError, validate_config
 from ..config_loader import config_to_dict
-from ..data import build_datasets, build_tokenizer, make_batch_iterator
+from ..data import build_datasets, build_tokenizer, load_document_labels, make_batch_iterator
 from ..diffusion.losses import LossOptions
 from ..diffusion.noise import STREAM_TRAIN_MASK, STREAM_TRAIN_TIME, STREAM_VALID_MASK, STREAM_VALID_TIME
 from ..diffusion.schedules import build_schedule
@@ -186,6 +186,8 @@ class Trainer:
             prefix, self.tokenizer, cfg.data.seq_length, cfg.data.split, t.seed,
             (t.iters * t.global_batch_size, eval_samples, 0), os.path.join(cfg.run_dir, "dataset_cache"),
         )
+        self.labels = load_document_labels(cfg.data.labels, self.train_ds, cfg.model.num_classes) \
+            if cfg.data.labels else None
 
     def _print_startup(self, prefix, tok_path):
         if not self.is_logger:
@@ -221,6 +223,7 @@ class Trainer:
             global_batch_size=t.global_batch_size,
             time_stream=STREAM_VALID_TIME if valid else STREAM_TRAIN_TIME,
             mask_stream=STREAM_VALID_MASK if valid else STREAM_TRAIN_MASK,
+            cond_dropout=0.0 if valid else o.cond_dropout, null_label=self.cfg.model.num_classes,
         )
 
     def _next_microbatches(self, iterator):
@@ -229,7 +232,7 @@ class Trainer:
     def _batches(self, dataset, start_iteration: int = 0):
         t = self.cfg.train
         return make_batch_iterator(dataset, t.global_batch_size, t.micro_batch_size, self.dp_rank, self.dp_size,
-                                   start_iteration)
+                                   start_iteration, labels=self.labels)
 
     # ------------------------------------------------------------------ train / validate
     def train_step(self, microbatches) -> dict:

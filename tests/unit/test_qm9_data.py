@@ -9,6 +9,7 @@ import torch
 pytest.importorskip("rdkit", reason="QM9 preparation needs RDKit (scripts/setup_env.sh installs it)")
 
 from prosec_mcore.data import build_datasets, build_tokenizer  # noqa: E402
+from prosec_mcore.data.datasets import sample_document  # noqa: E402
 from prosec_mcore.data.qm9 import (DATA_NAME, decode_molecule, pad_document, prepare_qm9_corpus,  # noqa: E402
                                    training_smiles)
 
@@ -46,6 +47,9 @@ def test_every_sample_is_one_whole_padded_molecule(prepared, tmp_path):
     assert train_molecules == sorted(training_smiles(str(out), "70,30,0"))
     valid_molecules = {decode_molecule(valid[i]["tokens"], tok) for i in range(len(valid))}
     assert not valid_molecules & set(train_molecules) and len(valid_molecules) + len(train_molecules) == 14
+    for i in range(len(train)):  # the document a label is looked up by is the sample's own document
+        doc = sample_document(train, i)
+        assert train[i]["tokens"].tolist() == train.dataset.get(doc).tolist()
     first = train[0]["tokens"]
     n = len(decode_molecule(first, tok))
     assert int(first[n]) == tok.eod and bool((first[n + 1:] == tok.pad).all())
