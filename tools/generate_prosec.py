@@ -54,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance strength gamma with --label (1: plain conditional)")
     p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--out", default=None, help="default: <model>/samples/<sampler>_T<steps>_s<seed>.jsonl")
+    p.add_argument("--out", default=None, help="default: <run dir>/samples/<sampler>_T<steps>_s<seed>.jsonl")
     return p.parse_args(argv)
 
 
@@ -169,7 +169,10 @@ def main(argv=None) -> int:
                **totals, **{f"{k}_per_batch": totals[k] / n_batches for k in ("nfe", "nfe_unmask", "nfe_correct")},
                "seconds": round(time.time() - start, 2), "prompt": args.prompt, "template": args.template,
                "label": args.label, "guidance": args.guidance}
-    path = args.out or os.path.join(args.model, "samples", f"{args.sampler}_T{args.steps}_s{args.seed}.jsonl")
+    base = args.model
+    if os.path.isfile(os.path.join(base, "COMPLETE")):  # a checkpoint directory: write beside the run, not into it
+        base = os.path.dirname(os.path.dirname(os.path.abspath(base)))
+    path = args.out or os.path.join(base, "samples", f"{args.sampler}_T{args.steps}_s{args.seed}.jsonl")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         for i, row in enumerate(tokens.tolist()):

@@ -4,8 +4,10 @@ corrector settings, score every sample set, and write a table and a plot of qual
     python examples/qm9/sweep.py --mdlm runs/qm9-mdlm --proseco runs/qm9-proseco \\
         --num-samples 500 --seeds 1 2 3 --out examples/qm9/results
 
-Writes <out>/results.json (one row per model x sampler setting x seed), <out>/table.md (means
-and standard deviations over seeds) and <out>/quality_vs_nfe.png.
+Writes <out>/results_<model>.json (one row per sampler setting x seed), then <out>/table.md (means
+and standard deviations over seeds) and <out>/quality_vs_nfe.png from every results_*.json there.
+--only samples one of the two models (e.g. while the other is still training); the table and plot
+then cover whatever results the folder holds.
 """
 
 import argparse
@@ -36,8 +38,9 @@ def settings(steps_list, proseco_settings):
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mdlm", required=True, help="run dir or checkpoint of the objective=mdlm model")
-    p.add_argument("--proseco", required=True, help="run dir or checkpoint of the objective=proseco model")
+    p.add_argument("--mdlm", help="run dir or checkpoint of the objective=mdlm model")
+    p.add_argument("--proseco", help="run dir or checkpoint of the objective=proseco model")
+    p.add_argument("--only", choices=("mdlm-trained", "proseco-trained"), default=None)
     p.add_argument("--data", default="data_cache/qm9")
     p.add_argument("--split", default="95,5,0")
     p.add_argument("--steps", type=int, nargs="+", default=[4, 8, 16, 32])
@@ -57,9 +60,11 @@ def main() -> int:
     qm9 = load_qm9_evaluation(args.data, args.split)
     proseco_settings = [tuple(map(int, pair.split(":"))) for pair in args.corrector]
 
-    rows = []
     os.makedirs(args.out, exist_ok=True)
     for model_name, path in (("mdlm-trained", args.mdlm), ("proseco-trained", args.proseco)):
+        if (args.only and model_name != args.only) or path is None:
+            continue
+        rows = []
         loaded = load_from_checkpoint(path)
         print(f"[sweep] {model_name}: {loaded.source} (iteration {loaded.iteration})", flush=True)
         for label, spec in settings(args.steps, proseco_settings if model_name == "proseco-trained" else []):
@@ -77,11 +82,17 @@ def main() -> int:
                 print(f"[sweep] {model_name} {label} seed {seed}: NFE {row['nfe']:.1f} valid {metrics['num_valid']} "
                       f"unique {metrics['num_unique']} novel {metrics['num_novel']} QED {metrics['qed_mean']:.3f} "
                       f"FCD {metrics['fcd']:.2f} ({row['seconds']} s)", flush=True)
-                with open(os.path.join(args.out, "results.json"), "w") as f:
+                with open(os.path.join(args.out, f"results_{model_name}.json"), "w") as f:
                     json.dump(rows, f, indent=1)
+    rows = []
+    for name in ("mdlm-trained", "proseco-trained"):
+        path = os.path.join(args.out, f"results_{name}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                rows += json.load(f)
     write_table(rows, os.path.join(args.out, "table.md"))
     plot(rows, os.path.join(args.out, "quality_vs_nfe.png"))
-    print(f"[sweep] results: {args.out}/results.json, table.md, quality_vs_nfe.png")
+    print(f"[sweep] results: {args.out}/results_*.json, table.md, quality_vs_nfe.png")
     return 0
 
 
