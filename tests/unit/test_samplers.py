@@ -179,6 +179,7 @@ def test_classifier_free_guidance_formula_and_cost():
         assert torch.allclose(guided, expected.log_softmax(-1), atol=1e-12)
     guided = GuidedDenoiser(base, labels, null, 2.0)
     assert sample_mdlm(guided, SCHEDULE, 2, L, 5, gen()).nfe == 10  # two evaluations per step
+    assert sample_mdlm(GuidedDenoiser(base, labels, null, 1.0), SCHEDULE, 2, L, 5, gen()).nfe == 5
 
 
 def test_generation_is_independent_of_data_parallel_split():
