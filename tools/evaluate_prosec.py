@@ -26,7 +26,7 @@ def evaluate_nelbo(args) -> dict:
     from megatron.core import dist_checkpointing
 
     from prosec_mcore.config_loader import config_from_dict
-    from prosec_mcore.hf.convert import resolve_checkpoint
+    from prosec_mcore.training.checkpoint import resolve_checkpoint
     from prosec_mcore.training.trainer import Trainer
 
     path = resolve_checkpoint(args.checkpoint)
@@ -57,7 +57,10 @@ def evaluate_samples(args) -> list:
         with open(path) as f:
             samples = [json.loads(line) for line in f]
         summary_path = path + ".summary.json"
-        summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
+        summary = {}
+        if os.path.exists(summary_path):
+            with open(summary_path) as f:
+                summary = json.load(f)
         row = {"file": path, **{k: summary[k] for k in ("sampler", "steps", "corrector_steps", "corrector_every",
                                                          "corrector_mode", "nfe_per_batch", "nfe_unmask_per_batch",
                                                          "nfe_correct_per_batch", "seed") if k in summary}}

@@ -23,9 +23,9 @@ import torch
 from megatron.core import dist_checkpointing
 
 from ..config import Config
-from ..config_loader import config_from_dict, config_to_dict, load_config
+from ..config_loader import config_to_dict, load_config
 from ..model.builder import build_model, padded_vocab_size
-from ..training.checkpoint import checkpoint_name, find_latest, is_complete, layout, mark_complete
+from ..training.checkpoint import checkpoint_name, layout, load_model_for_inference, mark_complete
 from . import dit_bridge, llada_bridge
 
 HF_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -47,33 +47,15 @@ def _single_process_world():
         initialize_distributed(tp=1, pp=1)
 
 
-def resolve_checkpoint(path: str) -> str:
-    """A checkpoint directory itself, or a save_dir / run_dir holding checkpoints (its latest)."""
-    for candidate in (path, os.path.join(path, "checkpoints")):
-        if is_complete(candidate):
-            return candidate
-        latest = find_latest(candidate) if os.path.isdir(candidate) else None
-        if latest:
-            return latest
-    raise FileNotFoundError(f"no complete checkpoint at {path} (expected a directory with a COMPLETE marker, "
-                            f"or a run directory whose checkpoints/ holds one)")
-
-
 def _state(model) -> dict:
     return {name: p for name, p in model.state_dict().items() if not name.endswith("_extra_state")}
 
 
 def export_to_hf(checkpoint: str, out_dir: str) -> dict:
-    path = resolve_checkpoint(checkpoint)
-    common = dist_checkpointing.load_common_state_dict(path)
-    cfg = config_from_dict(common["config"])
-    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, cfg.parallel.sequence_parallel = 1, 1, None, False
+    model, cfg, common, path = load_model_for_inference(checkpoint, tp=1)
     vocab = common["vocab_size"]
     bridge = BRIDGES[cfg.model.style]
     hf_config = bridge.hf_config(cfg.model, vocab, cfg.model.max_sequence_length, mask_token_id=common.get("mask_id"))
-    _single_process_world()
-    model = build_model(cfg, vocab)
-    model.load_state_dict(dist_checkpointing.load({"model": model.sharded_state_dict()}, path)["model"])
     tensors = bridge.megatron_to_hf(_state(model), cfg.model, vocab)
 
     from safetensors.torch import save_file

@@ -12,8 +12,6 @@ import json
 import os
 from dataclasses import dataclass
 
-import torch
-
 from ..diffusion.schedules import build_schedule
 from .denoiser import Denoiser, hf_denoiser, megatron_denoiser
 
@@ -33,26 +31,12 @@ def load_from_checkpoint(checkpoint: str, tp: int = 1) -> LoadedModel:
     """Build the model at tensor-parallel size ``tp`` (PP 1) and load ``checkpoint`` (a
     checkpoint directory, or a run/save directory whose latest complete checkpoint is used).
     Initialises torch.distributed and megatron's parallel state if needed."""
-    from megatron.core import dist_checkpointing, parallel_state
-
-    from ..config_loader import config_from_dict
     from ..data import build_tokenizer
-    from ..hf.convert import resolve_checkpoint
-    from ..model.builder import build_model
-    from ..runtime import initialize_distributed
+    from ..training.checkpoint import load_model_for_inference
     from ..training.trainer import resolve_data_paths
 
-    path = resolve_checkpoint(checkpoint)
-    common = dist_checkpointing.load_common_state_dict(path)
-    cfg = config_from_dict(common["config"])
-    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, cfg.parallel.sequence_parallel = tp, 1, None, False
-    if not torch.distributed.is_initialized():
-        initialize_distributed(tp=tp, pp=1, seed=cfg.train.seed)
-    elif parallel_state.get_tensor_model_parallel_world_size() != tp:
-        raise ValueError("torch.distributed is already initialised with another TP size")
+    model, cfg, common, path = load_model_for_inference(checkpoint, tp)
     vocab = common["vocab_size"]
-    model = build_model(cfg, vocab)
-    model.load_state_dict(dist_checkpointing.load({"model": model.sharded_state_dict()}, path)["model"])
     _, tok_path = resolve_data_paths(cfg)
     tokenizer = build_tokenizer(cfg.data.tokenizer.kind, tok_path)
     if tokenizer.vocab_size > vocab:

@@ -258,3 +258,38 @@ def load_checkpoint(trainer, path: str) -> tuple[int, bool]:
     if same_layout:
         _set_rng_state(loaded["rng_state"])
     return int(common["iteration"]), same_layout
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint directory itself, or a save_dir / run_dir holding checkpoints (its latest)."""
+    for candidate in (path, os.path.join(path, "checkpoints")):
+        if is_complete(candidate):
+            return candidate
+        latest = find_latest(candidate) if os.path.isdir(candidate) else None
+        if latest:
+            return latest
+    raise FileNotFoundError(f"no complete checkpoint at {path} (expected a directory with a COMPLETE marker, "
+                            f"or a run directory whose checkpoints/ holds one)")
+
+
+def load_model_for_inference(checkpoint: str, tp: int = 1):
+    """The trained model of ``checkpoint`` (see :func:`resolve_checkpoint`) on one pipeline stage
+    at tensor-parallel size ``tp``, for export, sampling and evaluation: the weights reshard from
+    whatever layout saved them. Initialises torch.distributed and megatron's parallel state when
+    needed. Returns ``(model, cfg, common, path)``: ``cfg`` is the run's config with this
+    layout, ``common`` the checkpoint's non-tensor state (iteration, vocab_size, mask_id, ...)."""
+    from ..config_loader import config_from_dict
+    from ..model.builder import build_model
+    from ..runtime import initialize_distributed
+
+    path = resolve_checkpoint(checkpoint)
+    common = dist_checkpointing.load_common_state_dict(path)
+    cfg = config_from_dict(common["config"])
+    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, cfg.parallel.sequence_parallel = tp, 1, None, False
+    if not torch.distributed.is_initialized():
+        initialize_distributed(tp=tp, pp=1, seed=cfg.train.seed)
+    elif parallel_state.get_tensor_model_parallel_world_size() != tp:
+        raise ValueError("torch.distributed is already initialised with another TP size")
+    model = build_model(cfg, common["vocab_size"])
+    model.load_state_dict(dist_checkpointing.load({"model": model.sharded_state_dict()}, path)["model"])
+    return model, cfg, common, path

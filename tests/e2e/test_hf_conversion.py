@@ -28,7 +28,7 @@ def test_export_loads_in_transformers_with_matching_logits(trained, tmp_path, si
     from safetensors.torch import load_file
     from transformers import AutoModelForMaskedLM
 
-    from prosec_mcore.hf.convert import resolve_checkpoint
+    from prosec_mcore.training.checkpoint import resolve_checkpoint
 
     out = tmp_path / "hf"
     printed = cli("convert_checkpoint.py", ["export", "--checkpoint", str(trained), "--out", str(out)])
