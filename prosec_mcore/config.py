@@ -143,6 +143,11 @@ class TrainConfig:
     recompute_method: Optional[str] = None
     recompute_num_layers: Optional[int] = None
     cuda_graph_impl: str = "none"  # none | local | transformer_engine (GPU only)
+    # Fused cross-entropy for both ProSeCo losses (diffusion/losses.py: cross_entropy), as
+    # Megatron-LM's --cross-entropy-loss-fusion / --cross-entropy-fusion-impl: native (megatron-core's
+    # fused kernel; bf16 runs, its backward returns bf16 logit gradients) | te (Transformer Engine).
+    cross_entropy_loss_fusion: bool = False
+    cross_entropy_fusion_impl: str = "native"
 
 
 @dataclass
@@ -213,6 +218,7 @@ _CHOICES = {
     "train.recompute_granularity": (None, "full", "selective"),
     "train.recompute_method": (None, "uniform", "block"),
     "train.cuda_graph_impl": ("none", "local", "transformer_engine"),
+    "train.cross_entropy_fusion_impl": ("native", "te"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
     "data.tokenizer.kind": ("hf_json", "gpt2_bpe", "char"),
 }
@@ -354,6 +360,13 @@ def _validate_speed_features(cfg: Config, cuda: bool, te: bool) -> None:
         if g == "full":
             raise ConfigError("train.cuda_graph_impl with train.recompute_granularity=full: megatron-core graphs "
                               "whole layers, which full recomputation re-runs; choose one of the two")
+    if t.cross_entropy_loss_fusion:
+        if t.precision == "fp32" or not cuda:
+            raise ConfigError("train.cross_entropy_loss_fusion=true is for bf16 runs (a GPU): megatron-core's fused "
+                              "kernel returns bf16 logit gradients, which would silently round an fp32 run's; "
+                              "leave it off here")
+        if t.cross_entropy_fusion_impl == "te" and not te:
+            raise ConfigError("train.cross_entropy_fusion_impl=te needs Transformer Engine; use native")
     if p.use_distributed_optimizer and not cuda:
         raise ConfigError("parallel.use_distributed_optimizer=true needs a GPU (megatron-core's distributed "
                           "optimizer holds CUDA tensors only); leave it unset (auto) on CPU")

@@ -22,6 +22,13 @@ which lets a pipeline run the two forwards as two separate passes (see training/
 Under tensor parallelism the logits are sharded over the vocabulary: the cross-entropy is
 megatron-core's vocab-parallel one, and the argmax combines each shard's (max, index) across the
 tensor-parallel group. With a group of size one every function here is plain PyTorch math.
+
+The cross-entropy has three implementations of the same math (`cross_entropy`, chosen by
+train.cross_entropy_loss_fusion / cross_entropy_fusion_impl, as in Megatron-LM): megatron-core's
+plain vocab-parallel one, its `native` fused one (torch.compile-fused elementwise work and one
+all-reduce instead of two; its backward returns bf16 logit gradients, so it is for bf16 runs),
+and Transformer Engine's Triton kernel (`te`, GPU; it writes the logit gradient into the logits
+tensor during the forward, so every other use of the logits, the argmax, comes first).
 """
 from __future__ import annotations
 
@@ -30,6 +37,8 @@ from dataclasses import dataclass
 import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+CROSS_ENTROPY_IMPLS = ("none", "native", "te")
 
 
 def invalid_vocab_mask(local_vocab: int, vocab_size: int, mask_id: int, device=None) -> torch.Tensor:
@@ -47,6 +56,29 @@ def invalid_vocab_mask(local_vocab: int, vocab_size: int, mask_id: int, device=N
 def suppress_invalid(logits: torch.Tensor, invalid: torch.Tensor) -> torch.Tensor:
     """Set the logits of never-predicted ids to -inf (out of place, autograd-safe)."""
     return logits.masked_fill(invalid, float("-inf"))
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, fusion: str = "none") -> torch.Tensor:
+    """Per-token -log softmax(logits)[target], [b, L] fp32, for logits sharded over the vocabulary.
+
+    fusion: "none" (megatron-core's vocab_parallel_cross_entropy), "native" (megatron-core's fused
+    kernel) or "te" (Transformer Engine's). The three agree up to floating-point rounding; the
+    tests compare them (tests/unit/test_cross_entropy_fusion.py, at TP=1 and TP=2)."""
+    if fusion == "none":
+        return vocab_parallel_cross_entropy(logits, target)
+    group = parallel_state.get_tensor_model_parallel_group()
+    if fusion == "native":
+        from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
+
+        return fused_vocab_parallel_cross_entropy(logits, target, group)
+    if fusion == "te":
+        from megatron.core.extensions.transformer_engine import te_parallel_cross_entropy
+
+        if te_parallel_cross_entropy is None:
+            raise RuntimeError("cross_entropy_fusion_impl=te needs Transformer Engine's parallel cross-entropy, "
+                               "which does not import here; use native")
+        return te_parallel_cross_entropy(logits, target, group).float()
+    raise ValueError(f"unknown cross-entropy implementation {fusion!r}; expected one of {CROSS_ENTROPY_IMPLS}")
 
 
 @torch.no_grad()
@@ -73,6 +105,7 @@ class LossOptions:
     corrector_input: str = "all"  # all | masked
     errors_upweighted: bool = False
     weighted_corrector_loss: bool = True
+    cross_entropy_fusion: str = "none"  # none | native | te (see `cross_entropy`)
 
 
 @dataclass
@@ -90,14 +123,15 @@ class SCTerms:
     num_errors: torch.Tensor  # scalar: #positions with y != x
 
 
-def mdm_terms(logits: torch.Tensor, clean, masked, weight, invalid, corrector_input: str = "all") -> MDMTerms:
+def mdm_terms(logits: torch.Tensor, clean, masked, weight, invalid, corrector_input: str = "all",
+              fusion: str = "none") -> MDMTerms:
     """First forward: the masked-diffusion loss on z_t and the corrector input y.
 
     logits: [b, L, V/tp] from x_theta(z_t); clean, masked: [b, L]; weight: w(t), [b].
     """
     logits = suppress_invalid(logits, invalid)
-    y = vocab_parallel_argmax(logits.detach())
-    ce = vocab_parallel_cross_entropy(logits, clean)  # [b, L]
+    y = vocab_parallel_argmax(logits.detach())  # before the cross-entropy: TE's kernel overwrites logits
+    ce = cross_entropy(logits, clean, fusion)  # [b, L]
     per_token = torch.where(masked, ce * weight[:, None], torch.zeros_like(ce))
     if corrector_input == "masked":
         y = torch.where(masked, y, clean)
@@ -110,7 +144,7 @@ def sc_terms(logits: torch.Tensor, clean, corrector_input, weight, invalid, opts
     """Second forward: the self-correction loss of x_theta(y) against x at every position."""
     logits = suppress_invalid(logits, invalid)
     prediction = vocab_parallel_argmax(logits.detach())
-    ce = vocab_parallel_cross_entropy(logits, clean)  # -log p_theta(x | y), [b, L]
+    ce = cross_entropy(logits, clean, opts.cross_entropy_fusion)  # -log p_theta(x | y), [b, L]
     w = weight[:, None] if opts.weighted_corrector_loss else torch.ones_like(weight)[:, None]
     errors = corrector_input != clean
     if opts.errors_upweighted:

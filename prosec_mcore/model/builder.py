@@ -90,6 +90,9 @@ def transformer_config(cfg: Config) -> ProSeCoTransformerConfig:
         recompute_method=t.recompute_method,
         recompute_num_layers=t.recompute_num_layers,
         cuda_graph_impl=t.cuda_graph_impl,
+        # Read by GPTModel's own loss only; the ProSeCo losses get the same choice via LossOptions.
+        cross_entropy_loss_fusion=t.cross_entropy_loss_fusion,
+        cross_entropy_fusion_impl=t.cross_entropy_fusion_impl,
     )
 
 

@@ -90,5 +90,6 @@ def startup_lines(cfg, backend: str, backend_reason: str, attention: str, dp_fea
         f"[prosec] precision: {params}, gradients reduced in fp32 | {fp8}",
         (f"[prosec] speed: distributed optimizer {on(dp_features['use_distributed_optimizer'])}, overlap grad reduce "
          f"{on(dp_features['overlap_grad_reduce'])}, overlap param gather {on(dp_features['overlap_param_gather'])}, "
-         f"recompute {recompute}, cuda graphs {t.cuda_graph_impl}"),
+         f"recompute {recompute}, cuda graphs {t.cuda_graph_impl}, fused cross-entropy "
+         f"{t.cross_entropy_fusion_impl if t.cross_entropy_loss_fusion else 'off'}"),
     ]

@@ -95,6 +95,14 @@ def noise_microbatch(mb: dict, schedule: NoiseSchedule, settings: NoiseSettings,
     return noised
 
 
+def loss_options(cfg) -> losses.LossOptions:
+    """The objective's options, plus the cross-entropy implementation that train.* chooses."""
+    o, t = cfg.objective, cfg.train
+    return losses.LossOptions(o.lambda_mdm, o.lambda_sc, o.corrector_input, o.errors_upweighted,
+                              o.weighted_corrector_loss,
+                              t.cross_entropy_fusion_impl if t.cross_entropy_loss_fusion else "none")
+
+
 class ProSeCoStep:
     """Runs the forward/backward work of one global batch and returns its metrics.
 
@@ -124,7 +132,8 @@ class ProSeCoStep:
         return self._invalid
 
     def _mdm_loss(self, nb: NoisedBatch, index: int, store: dict, logits):
-        terms = losses.mdm_terms(logits, nb.clean, nb.masked, nb.weight, self._invalid_ids(logits), self.opts.corrector_input)
+        terms = losses.mdm_terms(logits, nb.clean, nb.masked, nb.weight, self._invalid_ids(logits),
+                                 self.opts.corrector_input, self.opts.cross_entropy_fusion)
         store[index] = terms.corrector_input
         mdm_sum = terms.per_token.sum()
         masked = nb.masked.sum().float()

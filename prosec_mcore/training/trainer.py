@@ -23,7 +23,6 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 from ..config import Config, ConfigError, validate_config
 from ..config_loader import config_to_dict
 from ..data import build_datasets, build_tokenizer, load_document_labels, make_batch_iterator
-from ..diffusion.losses import LossOptions
 from ..diffusion.noise import STREAM_TRAIN_MASK, STREAM_TRAIN_TIME, STREAM_VALID_MASK, STREAM_VALID_TIME
 from ..diffusion.schedules import build_schedule
 from ..model.builder import build_model_chunks, padded_vocab_size, params_dtype
@@ -35,7 +34,7 @@ from .checkpoint import find_latest, load_checkpoint, save_checkpoint
 from .grads import finalize_prosec_grads
 from .metrics_logger import MetricsLogger
 from .optim import build_optimizer, data_parallel_features, wrap_ddp
-from .step import NoiseSettings, ProSeCoStep
+from .step import NoiseSettings, ProSeCoStep, loss_options
 
 
 def resolve_data_paths(cfg: Config) -> tuple[str, str | None]:
@@ -81,8 +80,7 @@ class Trainer:
         self.accounting = StepAccounting.for_run(cfg, padded_vocab_size(self.vocab_size), world_size)
 
         o = cfg.objective
-        self.loss_opts = LossOptions(o.lambda_mdm, o.lambda_sc, o.corrector_input, o.errors_upweighted,
-                                     o.weighted_corrector_loss)
+        self.loss_opts = loss_options(cfg)
         self.step = ProSeCoStep(self.model, self.tconfig, o.name, self.loss_opts,
                                 build_schedule(o.schedule, o.schedule_eps), self.mask_id, self.tokenizer_vocab_size,
                                 cfg.data.seq_length, t.micro_batch_size)

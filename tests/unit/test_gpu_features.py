@@ -15,6 +15,7 @@ from prosec_mcore.model import layer_specs
 from prosec_mcore.model.builder import build_model, transformer_config
 from prosec_mcore.perf.report import StepAccounting, startup_lines
 from prosec_mcore.training import optim
+from prosec_mcore.training.step import loss_options
 
 
 def load_config(overrides):
@@ -42,6 +43,11 @@ def load_config(overrides):
     (["parallel.overlap_param_gather=true", "parallel.use_distributed_optimizer=false"], True, True,
      "overlap_param_gather=true needs the distributed optimizer"),
     (["logging.wandb_mode=sometimes"], False, False, "logging.wandb_mode='sometimes' is not one of offline"),
+    (["train.cross_entropy_loss_fusion=true"], False, False, "train.cross_entropy_loss_fusion=true is for bf16 runs"),
+    (["train.cross_entropy_loss_fusion=true", "train.precision=fp32"], True, True, "would silently round"),
+    (["train.cross_entropy_loss_fusion=true", "train.cross_entropy_fusion_impl=te"], True, False,
+     "train.cross_entropy_fusion_impl=te needs Transformer Engine"),
+    (["train.cross_entropy_fusion_impl=apex"], True, True, "'apex' is not one of native, te"),
 ])
 def test_gpu_settings_are_refused_with_one_line(overrides, cuda, te, message):
     with pytest.raises(ConfigError) as err:
@@ -53,6 +59,7 @@ def test_gpu_settings_are_refused_with_one_line(overrides, cuda, te, message):
     ["train.fp8=hybrid", "train.fp8_recipe=tensorwise"], ["train.fp8=e4m3", "train.precision=bf16"],
     ["train.cuda_graph_impl=transformer_engine", "train.recompute_granularity=selective"],
     ["parallel.overlap_param_gather=true"],
+    ["train.cross_entropy_loss_fusion=true"], ["train.cross_entropy_loss_fusion=true", "train.cross_entropy_fusion_impl=te"],
 ])
 def test_gpu_settings_are_accepted_where_they_can_run(overrides):
     validate_config(load_config(overrides), world_size=1, cuda_available=True, te_available=True)
@@ -62,13 +69,17 @@ def test_settings_reach_megatron_transformer_config(single_process_world):
     cfg = load_config(["train.fp8=hybrid", "train.fp8_recipe=tensorwise", "train.fp8_margin=1",
                        "train.fp8_amax_history_len=16", "train.fp8_amax_compute_algo=most_recent",
                        "train.recompute_granularity=full", "train.recompute_method=block",
-                       "train.recompute_num_layers=3", "train.cuda_graph_impl=transformer_engine"])
+                       "train.recompute_num_layers=3", "train.cuda_graph_impl=transformer_engine",
+                       "train.cross_entropy_loss_fusion=true", "train.cross_entropy_fusion_impl=te"])
     cfg.train.recompute_granularity = None  # (graphs + full recompute are exclusive in megatron)
     cfg.train.recompute_method = cfg.train.recompute_num_layers = None
     tc = transformer_config(cfg)
     assert (tc.fp8, tc.fp8_recipe, tc.fp8_margin, tc.fp8_amax_history_len, tc.fp8_amax_compute_algo) == (
         "hybrid", "tensorwise", 1, 16, "most_recent")
     assert tc.cuda_graph_impl == "transformer_engine"
+    assert (tc.cross_entropy_loss_fusion, tc.cross_entropy_fusion_impl) == (True, "te")
+    assert loss_options(cfg).cross_entropy_fusion == "te"  # what the ProSeCo losses use
+    assert loss_options(load_config([])).cross_entropy_fusion == "none"
     cfg = load_config(["train.recompute_granularity=full", "train.recompute_method=block", "train.recompute_num_layers=3"])
     tc = transformer_config(cfg)
     assert (tc.recompute_granularity, tc.recompute_method, tc.recompute_num_layers, tc.fp8) == ("full", "block", 3, None)
@@ -142,6 +153,7 @@ def test_startup_lines_name_precision_recipe_and_speed_features():
     assert "layers: te (Transformer Engine 2.9 with CUDA)" in text
     assert "bf16 parameters, fp32 main weights" in text and "fp8=hybrid (delayed scaling, amax history 16" in text
     assert "distributed optimizer on, overlap grad reduce on, overlap param gather off, recompute selective" in text
+    assert text.endswith("fused cross-entropy off")
 
 
 def test_trainer_metrics_carry_tflops_and_memory():
