@@ -28,6 +28,9 @@ class ModelConfig:
     time_conditioning: `adaln` (DiT adaLN modulation from a sinusoidal+MLP embedding of the
             noise level) or `none` (the network never sees t, as in LLaDA).
     zero_timestep: keep the adaLN path but feed sigma = 0, as the reference OWT recipe does.
+    local_attention: the core attention of the local (non-TE) layers: `sdpa` (PyTorch's fused
+            scaled_dot_product_attention, never stores the s x s scores) or `unfused` (megatron-
+            core's DotProductAttention). The TE layers always use TE's attention.
     """
 
     name: str = "tiny"
@@ -50,6 +53,7 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     layernorm_epsilon: float = 1e-5
+    local_attention: str = "sdpa"
 
 
 @dataclass
@@ -207,6 +211,7 @@ class Config:
 _CHOICES = {
     "model.style": ("dit", "llama"),
     "model.time_conditioning": ("adaln", "none"),
+    "model.local_attention": ("sdpa", "unfused"),
     "objective.name": ("proseco", "mdlm"),
     "objective.schedule": ("loglinear", "linear", "cosine"),
     "objective.corrector_input": ("all", "masked"),

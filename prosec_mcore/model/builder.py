@@ -105,7 +105,8 @@ def build_model(cfg: Config, vocab_size: int, backend: str = "auto", vp_stage: i
                           f"be used here ({describe_backend()[1]}); drop train.fp8")
     model = ProSeCoModel(
         config=config,
-        transformer_layer_spec=block_spec(config, cfg.model.style, cfg.model.time_conditioning, backend, vp_stage),
+        transformer_layer_spec=block_spec(config, cfg.model.style, cfg.model.time_conditioning, backend, vp_stage,
+                                          cfg.model.local_attention),
         vocab_size=padded_vocab_size(vocab_size, cfg.parallel.tp),
         max_sequence_length=cfg.model.max_sequence_length,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),

@@ -5,11 +5,13 @@ causal mask anywhere: every spec here builds megatron-core's attention with
 `AttnMaskType.no_mask` and the model passes `attention_mask=None`.
 
 Two backends, chosen automatically (`select_backend`):
-  local  megatron-core's own tensor-parallel linears and DotProductAttention; runs on CPU.
-The attention projections (QKV, output) never have a bias; the MLP has one in the DiT style.
+  local  megatron-core's own tensor-parallel linears; core attention through PyTorch's fused
+         scaled_dot_product_attention (`sdpa_attention.py`, the default) or megatron-core's
+         unfused DotProductAttention (`model.local_attention=unfused`); runs on CPU too.
   te     Transformer Engine linears and fused attention (GPU). The norm stays a separate module
          (not TE's fused LayerNorm+Linear) because adaLN modulates the norm's output before
          the QKV projection.
+The attention projections (QKV, output) never have a bias; the MLP has one in the DiT style.
 """
 from __future__ import annotations
 
@@ -28,6 +30,9 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from .adaln_layer import AdaLNTransformerLayer
 from .norms import norm_class
+from .sdpa_attention import SDPAttention
+
+LOCAL_ATTENTION = {"sdpa": SDPAttention, "unfused": DotProductAttention}
 
 
 def _transformer_engine_status() -> tuple[bool, str]:
@@ -65,12 +70,15 @@ def select_backend(requested: str = "auto") -> str:
     return requested
 
 
-def attention_kernels(backend: str) -> str:
+def attention_kernels(backend: str, local_attention: str = "sdpa") -> str:
     """Which attention implementation runs. TE picks flash / cuDNN fused / unfused per call from
     the shapes, dtype and GPU; the NVTE_* switches below force it (NVTE_DEBUG=1
-    NVTE_DEBUG_LEVEL=2 makes TE log each choice)."""
-    if backend != "te":
+    NVTE_DEBUG_LEVEL=2 makes TE log each choice). PyTorch picks SDPA's kernel per call too."""
+    if backend != "te" and local_attention == "unfused":
         return "megatron-core DotProductAttention (unfused: baddbmm, softmax, bmm; no mask)"
+    if backend != "te":
+        return ("torch scaled_dot_product_attention (no mask; flash / cuDNN / memory-efficient / math "
+                "chosen per call by PyTorch)")
     import os
 
     switches = " ".join(f"{k}={os.environ[k]}" for k in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
@@ -92,7 +100,7 @@ def _no_bias(linear_class):
     return NoBias
 
 
-def _linears(backend: str):
+def _linears(backend: str, local_attention: str = "sdpa"):
     if backend == "te":
         from megatron.core.extensions.transformer_engine import (
             TEColumnParallelLinear,
@@ -101,13 +109,13 @@ def _linears(backend: str):
         )
 
         return TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention
-    return ColumnParallelLinear, RowParallelLinear, DotProductAttention
+    return ColumnParallelLinear, RowParallelLinear, LOCAL_ATTENTION[local_attention]
 
 
 
-def layer_spec(style: str, time_conditioning: str, backend: str = "local") -> ModuleSpec:
+def layer_spec(style: str, time_conditioning: str, backend: str = "local", local_attention: str = "sdpa") -> ModuleSpec:
     """One bidirectional transformer layer."""
-    column, row, core_attention = _linears(backend)
+    column, row, core_attention = _linears(backend, local_attention)
     norm = norm_class(style)
     return ModuleSpec(
         module=AdaLNTransformerLayer if time_conditioning == "adaln" else TransformerLayer,
@@ -132,8 +140,9 @@ def layer_spec(style: str, time_conditioning: str, backend: str = "local") -> Mo
     )
 
 
-def block_spec(config, style: str, time_conditioning: str, backend: str = "local", vp_stage=None):
+def block_spec(config, style: str, time_conditioning: str, backend: str = "local", vp_stage=None,
+               local_attention: str = "sdpa"):
     """The layers of this pipeline stage plus the final norm (built on the last stage only)."""
-    spec = layer_spec(style, time_conditioning, backend)
+    spec = layer_spec(style, time_conditioning, backend, local_attention)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=norm_class(style))

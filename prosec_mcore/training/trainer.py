@@ -197,7 +197,7 @@ class Trainer:
               f"dp={self.dp_size} sp={cfg.parallel.sequence_parallel} "
               f"backend={self.model[0].module.backend} dtype={'bf16' if self.bf16 else 'fp32'}", flush=True)
         backend = self.model[0].module.backend
-        for line in startup_lines(cfg, backend, describe_backend()[1], attention_kernels(backend),
+        for line in startup_lines(cfg, backend, describe_backend()[1], attention_kernels(backend, cfg.model.local_attention),
                                   data_parallel_features(cfg.parallel), self.bf16):
             print(line, flush=True)
         patches = describe_cpu_compat()

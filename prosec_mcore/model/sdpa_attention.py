@@ -1,0 +1,63 @@
+"""Bidirectional core attention through PyTorch's scaled_dot_product_attention (the local spec).
+
+Core attention is softmax(Q K^T * scale) V per head, with no mask: a masked diffusion model
+lets every position see every other. megatron-core's own `DotProductAttention` writes that out
+as baddbmm -> softmax -> bmm, which materialises the [b, heads, s, s] score matrix (at s = 2048
+and 16 heads that is 256 MiB per sequence in bf16, stored for the backward). PyTorch's
+`scaled_dot_product_attention` computes the same result with a fused kernel that never stores
+the scores: FlashAttention-2, cuDNN or memory-efficient attention on a GPU, a fused flash kernel
+on CPU, picked per call by PyTorch. It is what the local spec uses unless
+`model.local_attention=unfused` asks for megatron's; Transformer Engine's attention (the te spec)
+is unaffected.
+
+Everything else is inherited from megatron's DotProductAttention: the heads of this tensor-
+parallel rank, grouped-query attention (K/V heads shared by groups of query heads), the softmax
+scale (1/sqrt(head dim), `softmax_scale`, query-key layer scaling) and attention dropout, drawn
+under megatron's model-parallel RNG tracker as megatron does. The tests compare the two classes
+on the same inputs (tests/unit/test_sdpa_attention.py).
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+
+class SDPAttention(DotProductAttention):
+    """DotProductAttention's interface and shapes ([s, b, heads, head dim] in, [s, b, heads * head
+    dim] out), computed by torch.nn.functional.scaled_dot_product_attention."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        if config.softmax_type != "vanilla":
+            raise ValueError(f"model.local_attention=sdpa supports the vanilla softmax only (got softmax_type="
+                             f"{config.softmax_type}); use model.local_attention=unfused")
+        if self.scale_mask_softmax.window_size is not None:
+            raise ValueError("model.local_attention=sdpa has no sliding-window attention; use unfused")
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if attention_mask is not None or attention_bias is not None or packed_seq_params is not None:
+            raise ValueError("SDPAttention is bidirectional: it takes no attention mask, bias or packed sequences")
+        seq, batch = query.shape[0], query.shape[1]
+        # [s, b, heads, d] -> [b, heads, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        group = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+        if group > 1:  # grouped-query attention: every K/V head serves `group` query heads
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        dropout = self.attention_dropout.p if self.training else 0.0
+        context = self._attend(q, k, v, dropout)
+        # [b, heads, s, d] -> [s, b, heads * d]
+        return context.permute(2, 0, 1, 3).reshape(seq, batch, self.hidden_size_per_partition)
+
+    def _attend(self, q, k, v, dropout: float) -> torch.Tensor:
+        if dropout == 0.0:
+            return F.scaled_dot_product_attention(q, k, v, scale=self.softmax_scale)
+        # The RNG choice of megatron's DotProductAttention: the model-parallel tracker's stream,
+        # except under sequence parallelism.
+        with tensor_parallel.get_cuda_rng_tracker().fork() if not self.config.sequence_parallel else nullcontext():
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.softmax_scale)
+

@@ -1,0 +1,99 @@
+"""SDPAttention (PyTorch's fused scaled_dot_product_attention) against megatron-core's unfused
+DotProductAttention: the same bidirectional attention, outputs and gradients, in one layer and in
+the whole model.
+
+Both compute softmax(Q K^T / sqrt(d)) V in fp32 from the same inputs, in a different order of
+operations (SDPA's fused kernel scales Q before the product and accumulates the softmax online),
+so they agree to fp32 round-off: observed below 1e-6; 1e-5 leaves a margin while a wrong scale,
+a wrong head grouping or a dropped head differs by O(0.1).
+"""
+import dataclasses
+
+import pytest
+import torch
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+
+from prosec_mcore.config import Config
+from prosec_mcore.model import layer_specs
+from prosec_mcore.model.builder import build_model, transformer_config
+from prosec_mcore.model.sdpa_attention import SDPAttention
+
+SEQ, BATCH, HEADS, HEAD_DIM = 12, 3, 4, 16
+
+
+def attention_pair(num_query_groups=None, attention_dropout=0.0):
+    cfg = Config()
+    cfg.model = dataclasses.replace(cfg.model, num_attention_heads=HEADS, hidden_size=HEADS * HEAD_DIM,
+                                    num_query_groups=num_query_groups, attention_dropout=attention_dropout)
+    config = transformer_config(cfg)
+    make = lambda cls: cls(config, layer_number=1, attn_mask_type=AttnMaskType.no_mask, attention_type="self")
+    return make(DotProductAttention), make(SDPAttention), config.num_query_groups
+
+
+def qkv(groups):
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(SEQ, BATCH, HEADS, HEAD_DIM, generator=gen)
+    k, v = (torch.randn(SEQ, BATCH, groups, HEAD_DIM, generator=gen) for _ in range(2))
+    return [t.requires_grad_() for t in (q, k, v)]
+
+
+@pytest.mark.parametrize("num_query_groups", [None, 2, 1])  # multi-head, grouped-query, multi-query
+def test_sdpa_matches_megatron_unfused_attention(single_process_world, num_query_groups):
+    unfused, sdpa, groups = attention_pair(num_query_groups)
+    inputs = qkv(groups)
+    out_ref = unfused(*inputs, attention_mask=None)
+    grads_ref = torch.autograd.grad(out_ref.square().sum(), inputs)
+    out = sdpa(*inputs, attention_mask=None)
+    grads = torch.autograd.grad(out.square().sum(), inputs)
+    assert out.shape == out_ref.shape == (SEQ, BATCH, HEADS * HEAD_DIM)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    for name, g, g_ref in zip("qkv", grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5, msg=f"d/d{name}")
+
+
+def test_sdpa_dropout_only_in_training(single_process_world):
+    _, sdpa, groups = attention_pair(attention_dropout=0.5)
+    _, sdpa_no_dropout, _ = attention_pair()
+    inputs = [t.detach() for t in qkv(groups)]
+    sdpa.eval()
+    torch.testing.assert_close(sdpa(*inputs, attention_mask=None), sdpa_no_dropout(*inputs, attention_mask=None))
+    sdpa.train()
+    assert not torch.allclose(sdpa(*inputs, attention_mask=None), sdpa_no_dropout(*inputs, attention_mask=None))
+
+
+def test_sdpa_refuses_a_mask(single_process_world):
+    _, sdpa, groups = attention_pair()
+    with pytest.raises(ValueError, match="bidirectional"):
+        sdpa(*qkv(groups), attention_mask=torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("style", ["dit", "llama"])
+def test_whole_model_is_the_same_with_either_local_attention(single_process_world, style):
+    """Same weights, same input: logits and every parameter's gradient agree."""
+    results = {}
+    for attention in ("unfused", "sdpa"):
+        cfg = Config()
+        cfg.model = dataclasses.replace(cfg.model, style=style, num_layers=2, local_attention=attention)
+        model = build_model(cfg, 50, backend="local")
+        if results:
+            model.load_state_dict(results["unfused"][0])
+        else:  # a generic point: at initialisation adaLN's gates are zero and would hide the attention
+            gen = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.copy_(torch.randn(p.shape, generator=gen) * (0.08 if p.dim() > 1 else 0.1) + (p.dim() == 1))
+        kinds = {type(layer.self_attention.core_attention) for layer in model.decoder.layers}
+        assert kinds == {layer_specs.LOCAL_ATTENTION[attention]}
+        tokens = torch.arange(2 * 16).reshape(2, 16) % 50
+        logits = model(tokens, sigma=torch.tensor([0.3, 1.2]))
+        grads = torch.autograd.grad(logits.square().mean(), list(model.parameters()))
+        results[attention] = (model.state_dict(), logits.detach(), grads)
+    torch.testing.assert_close(results["sdpa"][1], results["unfused"][1], rtol=1e-5, atol=1e-5)
+    for g, g_ref in zip(results["sdpa"][2], results["unfused"][2]):  # observed: within 1e-6 of each max
+        torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-5 * g_ref.abs().max().item())
+
+
+def test_attention_report_names_the_kernel():
+    assert "scaled_dot_product_attention" in layer_specs.attention_kernels("local", "sdpa")
+    assert "megatron-core DotProductAttention (unfused" in layer_specs.attention_kernels("local", "unfused")
