@@ -37,6 +37,9 @@ class SDPAttention(DotProductAttention):
                              f"{config.softmax_type}); use model.local_attention=unfused")
         if self.scale_mask_softmax.window_size is not None:
             raise ValueError("model.local_attention=sdpa has no sliding-window attention; use unfused")
+        # megatron divides softmax_scale by the layer number under query-key layer scaling and
+        # multiplies it back inside its softmax; SDPA applies one scale, the product.
+        self.sdpa_scale = self.softmax_scale * (self.layer_number if config.apply_query_key_layer_scaling else 1)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -55,9 +58,9 @@ class SDPAttention(DotProductAttention):
 
     def _attend(self, q, k, v, dropout: float) -> torch.Tensor:
         if dropout == 0.0:
-            return F.scaled_dot_product_attention(q, k, v, scale=self.softmax_scale)
+            return F.scaled_dot_product_attention(q, k, v, scale=self.sdpa_scale)
         # The RNG choice of megatron's DotProductAttention: the model-parallel tracker's stream,
         # except under sequence parallelism.
         with tensor_parallel.get_cuda_rng_tracker().fork() if not self.config.sequence_parallel else nullcontext():
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.softmax_scale)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.sdpa_scale)
 

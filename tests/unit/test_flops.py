@@ -3,12 +3,14 @@
 torch.utils.flop_counter.FlopCounterMode counts the FLOPs of every matmul-like aten op that
 actually runs (mm, addmm, bmm, baddbmm, and their backward ops). We run the real megatron-core
 model, and the real two-pass ProSeCo step with its backward, under it and compare with the
-closed-form formula.
+closed-form formula. The counter has no entry for PyTorch's fused CPU flash-attention kernel, so
+SDPA (the local spec's attention) runs with its math backend here, which is made of counted bmm.
 """
 import dataclasses
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from prosec_mcore.config import Config
@@ -48,7 +50,7 @@ def _tokens(n):
 def test_forward_flops_match_flop_counter(single_process_world, shape):
     cfg = _config(shape)
     model = build_model(cfg, VOCAB)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(_tokens(3), torch.rand(3))
     formula = forward_flops(ModelShape.from_config(cfg.model, padded_vocab_size(VOCAB)), SEQ, sequences=3)
     assert formula == pytest.approx(counter.get_total_flops(), rel=0.01)
@@ -84,7 +86,7 @@ def test_training_step_flops_match_flop_counter(single_process_world, shape):
     measured = {}
     for objective in ("mdlm", "proseco"):
         step = _step(cfg, objective)
-        with FlopCounterMode(display=False) as counter:
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             step.run(_microbatches(), noise)
         measured[objective] = counter.get_total_flops()
         formula = training_step_flops(model_shape, SEQ, MICRO * NUM_MICRO, objective).model

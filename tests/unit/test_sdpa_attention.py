@@ -18,16 +18,18 @@ from prosec_mcore.config import Config
 from prosec_mcore.model import layer_specs
 from prosec_mcore.model.builder import build_model, transformer_config
 from prosec_mcore.model.sdpa_attention import SDPAttention
+from tests.compare import forward_and_grads, relative_error
 
 SEQ, BATCH, HEADS, HEAD_DIM = 12, 3, 4, 16
 
 
-def attention_pair(num_query_groups=None, attention_dropout=0.0):
+def attention_pair(num_query_groups=None, attention_dropout=0.0, layer_scaling=False):
     cfg = Config()
     cfg.model = dataclasses.replace(cfg.model, num_attention_heads=HEADS, hidden_size=HEADS * HEAD_DIM,
                                     num_query_groups=num_query_groups, attention_dropout=attention_dropout)
     config = transformer_config(cfg)
-    make = lambda cls: cls(config, layer_number=1, attn_mask_type=AttnMaskType.no_mask, attention_type="self")
+    config.apply_query_key_layer_scaling = layer_scaling
+    make = lambda cls: cls(config, layer_number=3, attn_mask_type=AttnMaskType.no_mask, attention_type="self")
     return make(DotProductAttention), make(SDPAttention), config.num_query_groups
 
 
@@ -38,9 +40,12 @@ def qkv(groups):
     return [t.requires_grad_() for t in (q, k, v)]
 
 
-@pytest.mark.parametrize("num_query_groups", [None, 2, 1])  # multi-head, grouped-query, multi-query
-def test_sdpa_matches_megatron_unfused_attention(single_process_world, num_query_groups):
-    unfused, sdpa, groups = attention_pair(num_query_groups)
+@pytest.mark.parametrize("num_query_groups,layer_scaling", [
+    (None, False), (2, False), (1, False),  # multi-head, grouped-query, multi-query
+    (None, True),  # query-key layer scaling: megatron splits the scale between the product and the softmax
+])
+def test_sdpa_matches_megatron_unfused_attention(single_process_world, num_query_groups, layer_scaling):
+    unfused, sdpa, groups = attention_pair(num_query_groups, layer_scaling=layer_scaling)
     inputs = qkv(groups)
     out_ref = unfused(*inputs, attention_mask=None)
     grads_ref = torch.autograd.grad(out_ref.square().sum(), inputs)
@@ -70,28 +75,21 @@ def test_sdpa_refuses_a_mask(single_process_world):
 
 @pytest.mark.parametrize("style", ["dit", "llama"])
 def test_whole_model_is_the_same_with_either_local_attention(single_process_world, style):
-    """Same weights, same input: logits and every parameter's gradient agree."""
-    results = {}
-    for attention in ("unfused", "sdpa"):
+    """Same weights, same input: logits and every parameter's gradient agree (tests/compare.py)."""
+    shape = dict(style=style, num_layers=2)
+    state, logits_ref, grads_ref = forward_and_grads({**shape, "local_attention": "unfused"}, 50, "local")
+    _, logits, grads = forward_and_grads({**shape, "local_attention": "sdpa"}, 50, "local", state)
+    assert relative_error(logits, logits_ref) < 1e-5
+    errors = {name: relative_error(grads[name], grads_ref[name]) for name in grads_ref}
+    assert max(errors.values()) < 1e-5, errors  # observed: below 1e-6 for every parameter
+
+
+def test_core_attention_class_follows_the_setting(single_process_world):
+    for attention, cls in layer_specs.LOCAL_ATTENTION.items():
         cfg = Config()
-        cfg.model = dataclasses.replace(cfg.model, style=style, num_layers=2, local_attention=attention)
+        cfg.model = dataclasses.replace(cfg.model, num_layers=1, local_attention=attention)
         model = build_model(cfg, 50, backend="local")
-        if results:
-            model.load_state_dict(results["unfused"][0])
-        else:  # a generic point: at initialisation adaLN's gates are zero and would hide the attention
-            gen = torch.Generator().manual_seed(0)
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.copy_(torch.randn(p.shape, generator=gen) * (0.08 if p.dim() > 1 else 0.1) + (p.dim() == 1))
-        kinds = {type(layer.self_attention.core_attention) for layer in model.decoder.layers}
-        assert kinds == {layer_specs.LOCAL_ATTENTION[attention]}
-        tokens = torch.arange(2 * 16).reshape(2, 16) % 50
-        logits = model(tokens, sigma=torch.tensor([0.3, 1.2]))
-        grads = torch.autograd.grad(logits.square().mean(), list(model.parameters()))
-        results[attention] = (model.state_dict(), logits.detach(), grads)
-    torch.testing.assert_close(results["sdpa"][1], results["unfused"][1], rtol=1e-5, atol=1e-5)
-    for g, g_ref in zip(results["sdpa"][2], results["unfused"][2]):  # observed: within 1e-6 of each max
-        torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-5 * g_ref.abs().max().item())
+        assert type(model.decoder.layers[0].self_attention.core_attention) is cls
 
 
 def test_attention_report_names_the_kernel():
