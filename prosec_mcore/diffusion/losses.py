@@ -77,7 +77,7 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, fusion: str = "non
         if te_parallel_cross_entropy is None:
             raise RuntimeError("cross_entropy_fusion_impl=te needs Transformer Engine's parallel cross-entropy, "
                                "which does not import here; use native")
-        return te_parallel_cross_entropy(logits, target, group).float()
+        return te_parallel_cross_entropy(logits.contiguous(), target.contiguous(), group).float()
     raise ValueError(f"unknown cross-entropy implementation {fusion!r}; expected one of {CROSS_ENTROPY_IMPLS}")
 
 
