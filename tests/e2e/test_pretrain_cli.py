@@ -83,15 +83,15 @@ def test_torchrun_tp4_pp2_on_eight_processes_matches_single_process(shakespeare_
 
 
 def test_sdpa_and_unfused_attention_train_alike(shakespeare_corpus, tmp_path):
-    """model.local_attention changes the kernel, not the math: 20 steps from the same seed give the
-    same losses up to fp32 round-off grown over the steps (observed gap 1.3e-8). The GPU tests
+    """model.local_attention changes the kernel, not the math: 12 steps from the same seed give the
+    same losses up to fp32 round-off grown over the steps (observed gap 1.3e-8 over 20 steps). The GPU tests
     use the same comparison (tests/compare.py: loss_gap) for FP8 against bf16."""
     runs = {}
     for attention in ("unfused", "sdpa"):
         runs[attention] = tmp_path / attention
         ok(pretrain(shakespeare_corpus + [
-            "model=tiny", "data.seq_length=64", "train.iters=20", "train.global_batch_size=8", "train.micro_batch_size=8",
+            "model=tiny", "data.seq_length=64", "train.iters=12", "train.global_batch_size=8", "train.micro_batch_size=8",
             "train.lr=3e-3", "train.eval_interval=0", f"model.local_attention={attention}", f"run_dir={runs[attention]}"]))
-    gap = loss_gap(runs["sdpa"], runs["unfused"], last=10)
+    gap = loss_gap(runs["sdpa"], runs["unfused"], last=6)
     assert gap < 1e-5, gap
     assert metrics(runs["sdpa"])[-1]["loss"] < metrics(runs["sdpa"])[0]["loss"]
