@@ -39,10 +39,10 @@ def forward_and_grads(model_overrides: dict, vocab: int, backend: str, state: di
     cfg.train.precision = precision
     cfg.data.seq_length = seq
     model = build_model(cfg, vocab, backend=backend)
+    params = dict(model.named_parameters())
     if state is None:
         state = set_generic_point(model)
     else:
-        params = dict(model.named_parameters())
         assert set(params) == set(state), f"parameters differ: {sorted(set(params) ^ set(state))}"
         with torch.no_grad():
             for name, p in params.items():
@@ -51,9 +51,8 @@ def forward_and_grads(model_overrides: dict, vocab: int, backend: str, state: di
     tokens = (torch.arange(batch * seq, device=device).reshape(batch, seq) * 7) % vocab
     sigma = torch.linspace(0.2, 2.0, batch, device=device)
     logits = model(tokens, sigma=sigma)
-    names = [n for n, _ in model.named_parameters()]
-    grads = torch.autograd.grad(logits.float().square().mean(), [p for _, p in model.named_parameters()])
-    return state, logits.detach().float().cpu(), {n: g.float().cpu() for n, g in zip(names, grads)}
+    grads = torch.autograd.grad(logits.float().square().mean(), list(params.values()))
+    return state, logits.detach().float().cpu(), {n: g.float().cpu() for n, g in zip(params, grads)}
 
 
 def relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:
