@@ -11,6 +11,9 @@ raises `ConfigError` with a one-line message that says what is wrong and how to 
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -146,12 +149,19 @@ class TrainConfig:
     recompute_granularity: Optional[str] = None
     recompute_method: Optional[str] = None
     recompute_num_layers: Optional[int] = None
-    cuda_graph_impl: str = "none"  # none | local | transformer_engine (GPU only)
+    # CUDA graphs: refused for now (validate_config). megatron-core's capture replays a layer's
+    # TransformerLayer forward, which would bypass AdaLNTransformerLayer.forward and drop the time
+    # conditioning without a word; kept as a key so that Megatron users get that reason, not "unknown key".
+    cuda_graph_impl: str = "none"
     # Fused cross-entropy for both ProSeCo losses (diffusion/losses.py: cross_entropy), as
     # Megatron-LM's --cross-entropy-loss-fusion / --cross-entropy-fusion-impl: native (megatron-core's
     # fused kernel; bf16 runs, its backward returns bf16 logit gradients) | te (Transformer Engine).
     cross_entropy_loss_fusion: bool = False
     cross_entropy_fusion_impl: str = "native"
+    # The LR schedule on resume (Megatron-LM's flags). Neither: a changed schedule setting is refused,
+    # except a longer train.iters, which follows the checkpoint's schedule (training/schedule_resume.py).
+    override_opt_param_scheduler: bool = False  # apply this run's schedule settings from the resumed step
+    use_checkpoint_opt_param_scheduler: bool = False  # keep the checkpoint's schedule, whatever this run says
 
 
 @dataclass
@@ -169,23 +179,53 @@ class ParallelConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Distributed checkpoints (training/checkpoint.py).
+    """Distributed checkpoints (training/checkpoint.py) and where a run starts (training/lifecycle.py).
 
     save_dir: None -> <run_dir>/checkpoints. save_interval: iterations between saves (0: no
-    periodic saves). A run whose save_dir holds a complete checkpoint resumes from the newest
-    one (`resume`); `load` names a checkpoint directory explicitly and wins over `resume`.
-    SIGTERM / SIGUSR1 (SLURM's pre-emption warnings) make the job save and exit cleanly.
+    periodic saves); save_at_end: save the last iteration too (as Megatron-LM does on exit).
+    Where a run starts, in order: `load` (resume exactly this checkpoint: weights, optimizer,
+    schedule, iteration), else the newest complete checkpoint of save_dir (`resume`), else
+    `pretrained` (initial weights only, iteration 0, fresh optimizer; Megatron-LM's
+    --pretrained-checkpoint), else a fresh initialisation. So a requeued job started from
+    pretrained weights continues from its own checkpoints.
+    fallback_to_previous: when the newest checkpoint is corrupt, resume from the previous complete
+    one automatically (the corrupt one is renamed aside, and the log says so); off: stop with a
+    message naming both.
+    SIGTERM / SIGUSR1 (SLURM's pre-emption warnings) and SIGINT (Ctrl-C) make the job save and exit
+    cleanly; a second Ctrl-C exits at once.
     async_save: write checkpoints in a background process (megatron-core async torch_dist save);
     a checkpoint becomes COMPLETE and `latest` only once every rank's writer has finished.
     """
 
     save_dir: Optional[str] = None
     save_interval: int = 0
+    save_at_end: bool = True
     keep_last: int = 3
     load: Optional[str] = None
+    pretrained: Optional[str] = None
     resume: bool = True
+    fallback_to_previous: bool = False
     save_on_exit_signal: bool = True
     async_save: bool = False
+
+
+@dataclass
+class HealthConfig:
+    """The healthy-state guard (training/health.py), checked every iteration on every rank alike.
+
+    nonfinite: what a NaN/Inf loss or gradient norm does: `stop` (the update is not applied; the run
+        exits with a message naming the iteration; the newest checkpoint stays the healthy one) or
+        `skip` (the update is not applied and training goes on, at most `max_skipped` times per run).
+    spike_factor: > 0 flags a loss above spike_factor x the mean of the last `spike_window` applied
+        iterations' losses; spike_action `warn` prints it, `skip` skips the update (counted in
+        max_skipped). 0 turns spike detection off.
+    """
+
+    nonfinite: str = "stop"
+    max_skipped: int = 10
+    spike_factor: float = 0.0
+    spike_window: int = 100
+    spike_action: str = "warn"
 
 
 @dataclass
@@ -205,6 +245,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -222,7 +263,8 @@ _CHOICES = {
     "train.fp8_amax_compute_algo": ("max", "most_recent"),
     "train.recompute_granularity": (None, "full", "selective"),
     "train.recompute_method": (None, "uniform", "block"),
-    "train.cuda_graph_impl": ("none", "local", "transformer_engine"),
+    "health.nonfinite": ("stop", "skip"),
+    "health.spike_action": ("warn", "skip"),
     "train.cross_entropy_fusion_impl": ("native", "te"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
     "data.tokenizer.kind": ("hf_json", "gpt2_bpe", "char"),
@@ -322,11 +364,68 @@ def validate_config(cfg: Config, world_size: int = 1, cuda_available: bool | Non
             "train.precision=bf16 needs a GPU: megatron-core's mixed-precision optimizer only holds CUDA "
             "tensors; use train.precision=auto (fp32 on CPU, bf16 on GPU)"
         )
-    if t.iters < 1:
-        raise ConfigError(f"train.iters must be >= 1 (got {t.iters})")
-    if not 0.0 <= cfg.objective.eps_train < 1.0 or not 0.0 <= cfg.objective.eps_valid < 1.0:
-        raise ConfigError("objective.eps_train and objective.eps_valid must lie in [0, 1)")
+    _validate_numbers(cfg)
+    if t.lr_decay_style != "constant" and t.min_lr > t.lr:
+        raise ConfigError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}: the {t.lr_decay_style} schedule "
+                          f"decays from lr to min_lr; lower train.min_lr")
+    if cfg.objective.lambda_mdm == 0 and cfg.objective.lambda_sc == 0:
+        raise ConfigError("objective.lambda_mdm and objective.lambda_sc are both 0: nothing to train")
+    if os.path.exists(cfg.run_dir) and not os.path.isdir(cfg.run_dir):
+        raise ConfigError(f"run_dir={cfg.run_dir} is a file, not a directory; choose another run_dir")
     _validate_speed_features(cfg, cuda_available, te_available)
+
+
+# Every number a run reads, with the range it must lie in: (low, high, low inclusive, high inclusive).
+# A key missing here is only checked for being finite.
+_RANGES = {
+    "model.num_layers": (1, None, True, True), "model.hidden_size": (1, None, True, True),
+    "model.num_attention_heads": (1, None, True, True), "model.ffn_hidden_size": (1, None, True, True),
+    "model.max_sequence_length": (1, None, True, True), "model.time_embedding_dim": (1, None, True, True),
+    "model.rotary_base": (0, None, False, True), "model.init_method_std": (0, None, False, True),
+    "model.hidden_dropout": (0, 1, True, False), "model.attention_dropout": (0, 1, True, False),
+    "model.layernorm_epsilon": (0, None, False, True),
+    "data.seq_length": (1, None, True, True),
+    "objective.schedule_eps": (0, 1, False, False), "objective.eps_train": (0, 1, True, False),
+    "objective.eps_valid": (0, 1, True, False), "objective.lambda_mdm": (0, None, True, True),
+    "objective.lambda_sc": (0, None, True, True),
+    "train.iters": (1, None, True, True), "train.global_batch_size": (1, None, True, True),
+    "train.micro_batch_size": (1, None, True, True), "train.lr": (0, None, False, True),
+    "train.min_lr": (0, None, True, True), "train.lr_warmup_iters": (0, None, True, True),
+    "train.weight_decay": (0, None, True, True), "train.adam_beta1": (0, 1, True, False),
+    "train.adam_beta2": (0, 1, True, False), "train.adam_eps": (0, None, False, True),
+    "train.clip_grad": (0, None, True, True), "train.log_interval": (1, None, True, True),
+    "train.eval_interval": (0, None, True, True), "train.eval_iters": (1, None, True, True),
+    "train.exit_interval": (0, None, True, True),
+    "checkpoint.save_interval": (0, None, True, True), "checkpoint.keep_last": (0, None, True, True),
+    "health.max_skipped": (0, None, True, True), "health.spike_factor": (0, None, True, True),
+    "health.spike_window": (1, None, True, True),
+}
+
+
+def _numbers(node, prefix: str = ""):
+    """(dotted key, value) of every int/float field of the config tree."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _numbers(value, key + ".")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield key, value
+
+
+def _validate_numbers(cfg: Config) -> None:
+    """Refuse, by name, a number that is NaN/Inf or outside the range its key allows."""
+    for key, value in _numbers(cfg):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value} is not a finite number; give a finite value")
+        if key not in _RANGES:
+            continue
+        low, high, low_incl, high_incl = _RANGES[key]
+        too_low = low is not None and (value < low if low_incl else value <= low)
+        too_high = high is not None and (value > high if high_incl else value >= high)
+        if too_low or too_high:
+            interval = f"{'[' if low_incl else '('}{low}, {'inf' if high is None else high}{']' if high_incl and high is not None else ')'}"
+            raise ConfigError(f"{key}={value} is out of range: it must lie in {interval}")
 
 
 def _validate_speed_features(cfg: Config, cuda: bool, te: bool) -> None:
@@ -357,14 +456,10 @@ def _validate_speed_features(cfg: Config, cuda: bool, te: bool) -> None:
         raise ConfigError("train.recompute_method and train.recompute_num_layers apply only to "
                           "train.recompute_granularity=full")
     if t.cuda_graph_impl != "none":
-        if not cuda:
-            raise ConfigError(f"train.cuda_graph_impl={t.cuda_graph_impl} needs a GPU (CUDA graphs); "
-                              f"use train.cuda_graph_impl=none on CPU")
-        if t.cuda_graph_impl == "transformer_engine" and not te:
-            raise ConfigError("train.cuda_graph_impl=transformer_engine needs Transformer Engine; use local or none")
-        if g == "full":
-            raise ConfigError("train.cuda_graph_impl with train.recompute_granularity=full: megatron-core graphs "
-                              "whole layers, which full recomputation re-runs; choose one of the two")
+        raise ConfigError(f"train.cuda_graph_impl={t.cuda_graph_impl!r} is refused: megatron-core's CUDA-graph capture "
+                          f"replays TransformerLayer.forward, which bypasses the adaLN modulation of "
+                          f"AdaLNTransformerLayer and would silently drop the time conditioning; use "
+                          f"train.cuda_graph_impl=none (docs/gpu.md)")
     if t.cross_entropy_loss_fusion:
         if t.precision == "fp32" or not cuda:
             raise ConfigError("train.cross_entropy_loss_fusion=true is for bf16 runs (a GPU): megatron-core's fused "

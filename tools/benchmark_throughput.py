@@ -20,12 +20,9 @@ Precisions: fp32, bf16, fp8-delayed, fp8-tensorwise (fp8 = hybrid format on bf16
 """
 import argparse
 import gc
-import os
 import statistics
 import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PRECISIONS = {
     "fp32": ["train.precision=fp32"],
@@ -58,7 +55,7 @@ def _timed_step(trainer, objective: str, batch) -> tuple:
 
     from prosec_mcore.perf.report import peak_memory_gib
 
-    trainer.step.objective = objective
+    trainer.objective = objective
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -88,7 +85,7 @@ def measure(trainer, objectives: list, batch, warmup: int, iters: int) -> dict:
             memory[objective] = max(memory[objective], gib)
     rows = {}
     for objective in objectives:
-        peak_mem = torch.tensor([memory[objective]], dtype=torch.float64, device=trainer.step.device)
+        peak_mem = torch.tensor([memory[objective]], dtype=torch.float64, device=trainer.device)
         torch.distributed.all_reduce(peak_mem, op=torch.distributed.ReduceOp.MAX)
         step = statistics.median(times[objective])
         acc = StepAccounting.for_run(trainer.cfg, padded_vocab_size(trainer.vocab_size),
@@ -108,15 +105,16 @@ def run_precision(precision: str, args) -> tuple:
 
     overrides = [f"parallel.tp={args.tp}", f"parallel.pp={args.pp}", "train.eval_interval=0",
                  f"train.iters={args.warmup + args.iters}", "logging.tensorboard=false", "logging.wandb=false",
-                 "checkpoint.resume=false", "checkpoint.save_interval=0", "run_dir=runs/benchmark-throughput",
+                 "checkpoint.resume=false", "checkpoint.save_interval=0", "checkpoint.save_at_end=false",
+                 "run_dir=runs/benchmark-throughput",
                  *PRECISIONS[precision], *args.overrides]
     trainer = Trainer(load_config(overrides))
-    batch = trainer._next_microbatches(trainer._batches(trainer.train_ds))  # the same batch for every step
+    batch = trainer.microbatches(0)  # the same batch for every step
     objectives = list(dict.fromkeys(args.objectives.split(",")))
     rows = measure(trainer, objectives, batch, args.warmup, args.iters)
     n_params = sum(p.numel() for chunk in trainer.model for p in chunk.parameters())
     cfg = trainer.cfg
-    trainer.logger.close()
+    trainer.close()
     del trainer, batch
     gc.collect()
     parallel_state.destroy_model_parallel()  # the next precision builds its groups again

@@ -3,14 +3,17 @@
     torchrun --nproc-per-node 8 tools/pretrain_prosec.py --tp 4 --pp 2 model=tiny objective=proseco train.iters=100
     python tools/pretrain_prosec.py model=tiny train.iters=50 run_dir=runs/quick   # one process
 
-`--tp/--pp/--sp` are shorthands for the Hydra overrides parallel.tp/parallel.pp/
-parallel.sequence_parallel; every other argument is a Hydra override of `configs/`.
+`--tp/--pp/--vpp/--sp` are shorthands for the Hydra overrides parallel.tp/pp/vpp/sequence_parallel;
+every other argument is a Hydra override of `configs/`; flags and overrides mix in any order.
+
+Exit status: 0 done (or stopped after saving: SIGTERM, SIGUSR1, Ctrl-C, train.exit_interval,
+train.exit_file); 2 bad input (configuration, data, checkpoint), found before training;
+3 unhealthy training (NaN/Inf, health.*); 4 a checkpoint could not be written. Each comes with
+one line on stderr that says what happened and what to do.
 """
 import argparse
 import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse_args(argv=None):
@@ -20,7 +23,7 @@ def parse_args(argv=None):
     parser.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank (interleaved)")
     parser.add_argument("--sp", action="store_true", help="sequence parallelism (needs --tp > 1)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=tiny train.iters=100")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # Megatron users mix flags and overrides freely
     overrides = list(args.overrides)
     if args.tp is not None:
         overrides.append(f"parallel.tp={args.tp}")
@@ -33,21 +36,35 @@ def parse_args(argv=None):
     return overrides
 
 
+def _report(err: BaseException, every_rank_alike: bool) -> None:
+    """One line on stderr. An error that every rank raises alike (configuration, checkpoint and
+    health checks agree across ranks) is printed by rank 0 only, not once per rank."""
+    if every_rank_alike and int(os.environ.get("RANK", "0")) != 0:
+        return
+    print(f"error: {err}", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     import prosec_mcore
 
     prosec_mcore.quiet_known_warnings()
     from prosec_mcore.config import ConfigError
     from prosec_mcore.config_loader import load_config
+    from prosec_mcore.training.lifecycle import EXIT_BAD_INPUT, RunError
     from prosec_mcore.training.trainer import Trainer
 
     try:
-        cfg = load_config(parse_args(argv))
-        trainer = Trainer(cfg)
-    except (ConfigError, FileNotFoundError) as err:  # bad input: one line, no traceback
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    trainer.train()
+        trainer = Trainer(load_config(parse_args(argv)))
+        trainer.train()
+    except ConfigError as err:  # bad input: one line, no traceback
+        _report(err, every_rank_alike=True)
+        return EXIT_BAD_INPUT
+    except (FileNotFoundError, NotADirectoryError, PermissionError) as err:  # a file this rank could not read
+        _report(err, every_rank_alike=False)
+        return EXIT_BAD_INPUT
+    except RunError as err:  # the run had to stop: unhealthy training, a failed save
+        _report(err, every_rank_alike=getattr(err, "collective", True))
+        return err.exit_code
     return 0
 
 

@@ -19,6 +19,7 @@ from prosec_mcore.data.corpus import prepare_shakespeare_corpus, strip_gutenberg
 from prosec_mcore.data.datasets import (
     GlobalBatchIterator,
     build_datasets,
+    check_indexed_dataset_files,
     load_document_labels,
     make_batch_iterator,
     validate_indexed_dataset,
@@ -48,6 +49,7 @@ __all__ = [
     "ProSeCoTokenizer",
     "build_datasets",
     "build_tokenizer",
+    "check_indexed_dataset_files",
     "iter_jsonl_documents",
     "iter_text_documents",
     "load_document_labels",

@@ -21,6 +21,24 @@ The builder works without ``torch.distributed`` (one process).  Under torchrun
 every rank must call :func:`build_datasets`; global rank 0 builds and caches the
 indices, a barrier follows, and the other ranks load the cache.
 
+Start-up checks
+---------------
+Bad data is refused before any training work, with a one-line ``ValueError`` (or
+``FileNotFoundError``) that names the file and the fix:
+
+* :func:`check_indexed_dataset_files` reads only the 34-byte ``.idx`` header and the
+  last document's length/pointer (O(1), whatever the corpus size): an ``.idx`` that is
+  not a megatron index (bad magic, version or dtype code, too short for its counts), a
+  ``.bin`` whose size is not a multiple of the token size, or a ``.bin`` shorter
+  (truncated copy) or longer (files from different runs) than the ``.idx`` describes;
+* :func:`validate_indexed_dataset` adds: no documents/tokens, token ids outside the
+  tokenizer's vocabulary;
+* :func:`build_datasets` refuses, before megatron builds any index, a train split, or a
+  valid split asked for samples (``num_samples[1] > 0``), that gets no documents from
+  ``data.split`` (a 0 share, or too few documents to round to one) or whose documents
+  hold fewer tokens than one sample of ``seq_length`` (megatron would fill the samples
+  by repeating those few tokens epoch after epoch).
+
 Batches
 -------
 Iteration ``k`` consumes the global batch of samples ``k*G .. k*G+G-1`` (wrapped
@@ -36,6 +54,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import warnings
 from typing import Optional
 
@@ -43,6 +62,10 @@ import numpy as np
 import torch
 
 PREPARE_HINT = "Create them with `python tools/prepare_data.py` (or tools/preprocess_data.py)."
+RECREATE_HINT = "re-copy it or re-create it with tools/preprocess_data.py (or tools/prepare_data.py)"
+_IDX_MAGIC = b"MMIDIDX\x00\x00"  # megatron.core.datasets.indexed_dataset._INDEX_HEADER
+_IDX_HEADER_BYTES = 34  # magic (9) + version (8) + dtype code (1) + sequence count (8) + document count (8)
+_VALID_FIX = "give the validation split documents, e.g. data.split=90,10,0, or set train.eval_interval=0"
 
 
 def _max_token_id(bin_path: str, dtype, cache_dir: str) -> int:
@@ -70,15 +93,92 @@ def _max_token_id(bin_path: str, dtype, cache_dir: str) -> int:
     return max_id
 
 
-def validate_indexed_dataset(data_prefix: str, tokenizer, cache_dir: str):
-    """Check that ``<data_prefix>.bin/.idx`` exist, are non-empty and fit the tokenizer.
-    Returns the opened megatron ``IndexedDataset``."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+def check_indexed_dataset_files(data_prefix: str) -> dict:
+    """Check that ``<data_prefix>.bin/.idx`` exist and agree, cheaply (file sizes, the ``.idx``
+    header and the last document's length and pointer; nothing is scanned).
 
-    missing = [p for p in (data_prefix + ".bin", data_prefix + ".idx") if not os.path.isfile(p)]
+    Raises ``FileNotFoundError`` for a missing file and a one-line ``ValueError`` naming the
+    file and the fix for an ``.idx`` that is not a megatron-core index (bad magic, version or
+    dtype code, shorter than its counts need, inconsistent document indices) and for a
+    ``.bin`` whose size is not a multiple of the token size or differs from the byte length
+    the ``.idx`` describes (truncated copy, or files from different runs).  Returns
+    ``{"dtype", "sequences", "documents", "bin_bytes"}``.
+    """
+    from megatron.core.datasets.indexed_dataset import DType
+
+    bin_path, idx_path = data_prefix + ".bin", data_prefix + ".idx"
+    missing = [p for p in (bin_path, idx_path) if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(f"indexed dataset file(s) not found: {missing}. {PREPARE_HINT}")
-    indexed = IndexedDataset(data_prefix, mmap=True)
+    idx_bytes = os.path.getsize(idx_path)
+
+    def not_an_index(why: str) -> ValueError:
+        return ValueError(f"{idx_path} is not a megatron-core index ({why}); {RECREATE_HINT}")
+
+    with open(idx_path, "rb") as f:
+        head = f.read(_IDX_HEADER_BYTES)
+        if len(head) < _IDX_HEADER_BYTES:
+            raise not_an_index(f"{idx_bytes:,} bytes, shorter than the {_IDX_HEADER_BYTES}-byte header")
+        if head[:9] != _IDX_MAGIC:
+            raise not_an_index(f"bad magic {head[:9]!r}, expected {_IDX_MAGIC!r}")
+        version, code = struct.unpack("<QB", head[9:18])
+        if version != 1:
+            raise not_an_index(f"version {version}, expected 1")
+        try:
+            dtype = DType.dtype_from_code(code)
+        except (KeyError, ValueError):
+            raise not_an_index(f"unknown token dtype code {code}") from None
+        n_seq, n_doc = struct.unpack("<QQ", head[18:34])
+        if n_doc == 0:  # megatron always writes the document boundary 0
+            raise not_an_index("no document boundaries")
+        need = _IDX_HEADER_BYTES + 12 * n_seq + 8 * n_doc  # int32 lengths, int64 pointers, int64 doc indices
+        if idx_bytes < need:
+            raise ValueError(f"{idx_path} holds {idx_bytes:,} bytes but its header describes {n_seq:,} "
+                             f"sequences and {n_doc - 1:,} documents ({need:,} bytes) (truncated copy?); "
+                             f"{RECREATE_HINT}")
+        itemsize = DType.size(dtype)
+        if n_seq == 0:
+            expected = 0
+        else:
+            f.seek(_IDX_HEADER_BYTES + 4 * (n_seq - 1))
+            (last_length,) = struct.unpack("<i", f.read(4))
+            f.seek(_IDX_HEADER_BYTES + 4 * n_seq + 8 * (n_seq - 1))
+            (last_pointer,) = struct.unpack("<q", f.read(8))
+            f.seek(_IDX_HEADER_BYTES + 12 * n_seq + 8 * (n_doc - 1))
+            (last_doc,) = struct.unpack("<q", f.read(8))
+            if last_length < 0 or last_pointer < 0 or last_pointer % itemsize or last_doc != n_seq:
+                raise not_an_index(f"inconsistent index: last sequence length {last_length}, pointer "
+                                   f"{last_pointer}, last document boundary {last_doc} of {n_seq} sequences")
+            expected = last_pointer + last_length * itemsize
+    bin_bytes = os.path.getsize(bin_path)
+    if bin_bytes % itemsize:
+        raise ValueError(f"{bin_path} holds {bin_bytes:,} bytes, not a multiple of the {itemsize}-byte "
+                         f"{np.dtype(dtype).name} tokens {idx_path} names (truncated or foreign file?); "
+                         f"{RECREATE_HINT}")
+    if bin_bytes < expected:
+        raise ValueError(f"{bin_path} holds {bin_bytes:,} bytes but {idx_path} describes {expected:,} "
+                         f"(truncated copy?); {RECREATE_HINT}")
+    if bin_bytes > expected:
+        raise ValueError(f"{bin_path} holds {bin_bytes:,} bytes but {idx_path} describes only {expected:,} "
+                         f"(the two files come from different runs?); re-create both with "
+                         f"tools/preprocess_data.py (or tools/prepare_data.py)")
+    return {"dtype": dtype, "sequences": n_seq, "documents": n_doc - 1, "bin_bytes": bin_bytes}
+
+
+def validate_indexed_dataset(data_prefix: str, tokenizer, cache_dir: str):
+    """Check that ``<data_prefix>.bin/.idx`` exist, agree (:func:`check_indexed_dataset_files`),
+    are non-empty and fit the tokenizer.  Returns the opened megatron ``IndexedDataset``."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    info = check_indexed_dataset_files(data_prefix)
+    if info["sequences"] == 0 or info["bin_bytes"] == 0:  # (megatron cannot mmap an empty .bin)
+        raise ValueError(f"indexed dataset {data_prefix} is empty (0 documents or 0 tokens)")
+    try:
+        indexed = IndexedDataset(data_prefix, mmap=True)
+    except (AssertionError, ValueError, OSError) as err:
+        detail = " ".join(str(err).split()) or type(err).__name__
+        raise ValueError(f"cannot open the indexed dataset {data_prefix}.bin/.idx ({detail}); "
+                         f"{RECREATE_HINT}") from None
     n_docs = len(indexed.sequence_lengths)
     if n_docs == 0 or int(indexed.sequence_lengths.sum()) == 0:
         raise ValueError(f"indexed dataset {data_prefix} is empty (0 documents or 0 tokens)")
@@ -120,9 +220,12 @@ def build_datasets(data_prefix: str, tokenizer, seq_length: int, split: str, see
     """Build ``(train, valid, test)`` megatron ``GPTDataset`` objects of exactly
     ``seq_length`` tokens per sample (``dataset[i]["tokens"]``).
 
-    ``num_samples`` is the minimum number of samples per split; 0 means one epoch.  A
-    split that receives no documents (e.g. ``"1"`` of ``"969,30,1"`` on a 42-document
-    corpus) is returned as ``None`` with a warning.
+    ``num_samples`` is the minimum number of samples per split; 0 means one epoch (pass 0
+    for valid when validation is off).  The train split, and the valid split when asked for
+    samples, must get documents holding at least ``seq_length`` tokens from ``split``, or a
+    one-line ``ValueError`` names ``data.split``, the prefix and the fix.  Any other split
+    that receives no documents (e.g. ``"1"`` of ``"969,30,1"`` on a 42-document corpus, or
+    the 0 of ``"100,0,0"``) is returned as ``None``, with a warning when its share is not 0.
     """
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
@@ -148,27 +251,56 @@ def build_datasets(data_prefix: str, tokenizer, seq_length: int, split: str, see
         create_attention_mask=False,
         add_extra_token_to_sequence=False,
     )
-    # megatron splits by document ranges rounded to whole documents; a split whose range
-    # is empty would make GPTDataset loop forever looking for tokens, so drop it here.
+    # megatron splits by document ranges rounded to whole documents (a 0 share is None in
+    # split_matrix and built as None). A split asked for samples needs documents holding at
+    # least one sample's tokens: with none, GPTDataset would loop forever looking for tokens;
+    # with fewer, it would fill every sample by repeating those tokens epoch after epoch.
+    # Check before megatron builds (and caches) any index.
     n_docs = len(indexed.sequence_lengths)
     names = ("train", "valid", "test")
     for i, bookends in enumerate(config.split_matrix):
-        if bookends is None:
-            continue
-        if int(round(bookends[1] * n_docs)) - int(round(bookends[0] * n_docs)) <= 0:
+        wanted = i == 0 or (i == 1 and num_samples[1] > 0)  # test keeps warning + None
+        beg, end = (0, 0) if bookends is None else (int(round(bookends[0] * n_docs)),
+                                                     int(round(bookends[1] * n_docs)))
+        n_split_docs = max(end - beg, 0)
+        n_split_tokens = int(indexed.sequence_lengths[beg:end].sum()) if n_split_docs else 0
+        if wanted and n_split_tokens < seq_length:
+            raise ValueError(_split_error(names[i], data_prefix, split, seq_length, num_samples[i],
+                                          n_docs, n_split_docs, n_split_tokens))
+        if bookends is not None and n_split_docs == 0:
             warnings.warn(f"split {split!r} gives the {names[i]} split no documents out of "
                           f"{n_docs}; it is returned as None", stacklevel=2)
             config.split_matrix[i] = None
-    if config.split_matrix[0] is None:
-        raise ValueError(f"split {split!r} leaves no documents for training ({n_docs} in all)")
 
     sizes = [n if n > 0 else None for n in num_samples]
     builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config)
-    train, valid, test = builder.build()
-    if len(train) == 0:
-        raise ValueError(f"the train split of {data_prefix} has fewer than seq_length="
-                         f"{seq_length} tokens; use a shorter sequence length or more data")
-    return train, valid, test
+    datasets = builder.build()
+    for i, ds in enumerate(datasets):  # the checks above should make this unreachable
+        if (i == 0 or (i == 1 and num_samples[1] > 0)) and (ds is None or len(ds) == 0):
+            raise ValueError(f"data.split={split} yields no {names[i]} sample of data.seq_length="
+                             f"{seq_length} tokens from {data_prefix}; "
+                             + (_VALID_FIX if i == 1 else "use a shorter data.seq_length or more data"))
+    return tuple(datasets)
+
+
+def _split_error(name: str, data_prefix: str, split: str, seq_length: int, requested: int,
+                 n_docs: int, n_split_docs: int, n_split_tokens: int) -> str:
+    """The one-line message for a split that cannot give one sample of ``seq_length`` tokens."""
+    label = "validation" if name == "valid" else name
+    if n_split_docs == 0:
+        what = f"data.split={split} gives the {label} split of {data_prefix} no documents (of {n_docs})"
+    else:
+        what = (f"data.split={split} gives the {label} split of {data_prefix} {n_split_docs} "
+                f"document(s) holding {n_split_tokens:,} tokens, fewer than one sample of "
+                f"data.seq_length={seq_length}")
+    if name == "train":
+        return (f"{what}; give training more documents (the first share of data.split, "
+                f"e.g. data.split=90,10,0), use more data or a shorter data.seq_length")
+    fix = _VALID_FIX if n_split_docs == 0 else (
+        "give the validation split more documents (a larger second share of data.split, "
+        "e.g. data.split=80,20,0, or more data), use a shorter data.seq_length, or set "
+        "train.eval_interval=0")
+    return f"{what}, but validation asks for {requested:,} samples; {fix}"
 
 
 class GlobalBatchIterator:

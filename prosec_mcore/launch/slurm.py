@@ -10,7 +10,10 @@ and the nodes meet through torchrun's c10d rendezvous on the first node:
 World size = N * G ranks, split by the trainer into TP x PP x DP. Everything that names the run
 (run_dir, the checkpoint directory under it, the rendezvous id = the SLURM job id, which a
 requeued job keeps) is the same on every (re)start, so a requeued job resumes from the newest
-complete checkpoint in run_dir (the trainer's automatic resume).
+complete checkpoint in run_dir (the trainer's automatic resume). Initial weights (an imported
+LLaDA, say) are given as `checkpoint.pretrained=<path>`, which is used only while the run has no
+checkpoint of its own; `checkpoint.load` (resume exactly this) is refused here, since every
+requeue would go back to it.
 
 Stopping before the time limit (scripts/slurm/pretrain_prosec.sbatch): `--signal=B:USR1@LEAD`
 makes SLURM signal only the batch shell, LEAD seconds before the limit. Its trap creates
@@ -74,6 +77,10 @@ class SlurmLaunch:
         for key in ("run_dir=", "train.exit_file=", "parallel.tp=", "parallel.pp="):
             if any(o.startswith(key) for o in self.overrides):
                 raise ValueError(f"give {key.rstrip('=')} through its own option, not as an override")
+        if any(o.startswith("checkpoint.load=") for o in self.overrides):
+            raise ValueError("checkpoint.load resumes exactly that checkpoint on every (re)start of a requeued job; "
+                             "start from initial weights with checkpoint.pretrained=<path> instead (used only until "
+                             "the run has checkpoints of its own)")
 
 
 def train_args(launch: SlurmLaunch) -> list:

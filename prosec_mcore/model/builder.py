@@ -78,6 +78,7 @@ def transformer_config(cfg: Config) -> ProSeCoTransformerConfig:
         zero_timestep=m.zero_timestep,
         num_classes=m.num_classes,
         time_embedder_seed=cfg.train.seed,
+        has_cond_embedder=m.time_conditioning == "adaln",
         output_layer_bias=dit,
         # FP8 (TE layers only). megatron wraps each layer's forward in TE's fp8 autocast with the
         # recipe built from these fields (megatron/core/fp8_utils.py: get_fp8_recipe).

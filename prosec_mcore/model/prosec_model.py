@@ -34,6 +34,9 @@ class ProSeCoTransformerConfig(TransformerConfig):
     time_embedder_seed: int = 1234
     num_classes: int = 0  # > 0: a class-label embedding joins the time embedding (classifier-free guidance)
     output_layer_bias: bool = False  # the reference DiT's final linear has a bias
+    # Read by megatron-core's finalize_model_grads: all-reduce the gradients of `pipeline_parallel`
+    # parameters (the time embedder, replicated on every pipeline stage) over the pipeline group.
+    has_cond_embedder: bool = False
 
 
 class ProSeCoModel(GPTModel):
@@ -64,12 +67,15 @@ class ProSeCoModel(GPTModel):
         if self.time_conditioning == "adaln":
             self.time_embedder = TimestepEmbedder(config, config.time_embedding_dim, config.time_embedder_seed,
                                                   config.num_classes)
-            # Every (virtual) stage holds a copy; count only the first one in the gradient norm.
-            # `shared_embedding` gives each of these parameters its own DDP bucket (megatron's
-            # rule for tied embeddings), so under the distributed optimizer every stage shards
-            # them identically and the pipeline all-reduce of grads.py adds matching slices.
+            # Every (virtual) stage holds a copy of the embedder. megatron-core sums the copies'
+            # gradients over the pipeline group in finalize_model_grads (`pipeline_parallel` params,
+            # with config.has_cond_embedder), so all copies take the same step and stay equal.
+            # `shared` leaves the later copies out of the gradient norm (counted once), and
+            # `shared_embedding` gives each of these parameters its own DDP bucket (megatron's rule
+            # for tied embeddings), so under the distributed optimizer every stage shards them
+            # identically and the pipeline all-reduce adds matching slices.
             for param in self.time_embedder.parameters():
-                param.pipeline_shared = True
+                param.pipeline_parallel = True
                 param.shared = not pre_process
                 param.shared_embedding = True
             if post_process:

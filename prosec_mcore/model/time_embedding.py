@@ -16,7 +16,8 @@ Row `num_classes` of E is the "null" label: training replaces the label by it wi
 
 Under pipeline parallelism every stage needs c, so every stage holds a copy of the embedder.
 The copies start equal (seeded init) and stay equal because their gradients are summed over
-the pipeline group before each optimizer step (training/grads.py); all but the first stage's
+the pipeline group before each optimizer step (megatron-core's finalize_model_grads, for
+parameters marked `pipeline_parallel`); all but the first stage's
 copy are marked `shared` so gradient-norm clipping counts the parameters once.
 """
 from __future__ import annotations

@@ -80,7 +80,8 @@ def global_parameter_names(model: torch.nn.Module) -> dict[str, torch.nn.Paramet
     return names
 
 
-def _name_seed(seed: int, name: str) -> int:
+def name_seed(seed: int, name: str) -> int:
+    """A 63-bit seed derived from (seed, a parameter's global name): the same on every rank."""
     digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
@@ -93,14 +94,15 @@ def _init_function(config, name: str) -> Callable[[torch.Tensor], None]:
     return config.init_method
 
 
-def _full_shape(param: torch.nn.Parameter, tp_size: int) -> list[int]:
+def full_shape(param: torch.nn.Parameter, tp_size: int) -> list[int]:
+    """The unsplit shape of a (possibly tensor-parallel) parameter."""
     shape = list(param.shape)
     if getattr(param, "tensor_model_parallel", False):
         shape[param.partition_dim] *= tp_size
     return shape
 
 
-def _tp_slice(full: torch.Tensor, param, tp_rank: int, tp_size: int) -> torch.Tensor:
+def tp_slice(full: torch.Tensor, param, tp_rank: int, tp_size: int) -> torch.Tensor:
     """This rank's part of `full`, split exactly as megatron splits a master weight."""
     if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
         return full
@@ -147,6 +149,6 @@ def init_weights_layout_independent(model_chunks: Iterable[torch.nn.Module], see
                 # Constant initialisations (biases, norm weights, the zero-initialised adaLN
                 # modulations) are the same in every layout already.
                 continue
-            full = _draw(_init_function(model.config, name), _full_shape(param, tp_size),
-                         _name_seed(seed, name))
-            param.copy_(_tp_slice(full, param, tp_rank, tp_size))
+            full = _draw(_init_function(model.config, name), full_shape(param, tp_size),
+                         name_seed(seed, name))
+            param.copy_(tp_slice(full, param, tp_rank, tp_size))

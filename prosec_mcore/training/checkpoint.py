@@ -9,7 +9,17 @@ On disk, under `checkpoint.save_dir` (default `<run_dir>/checkpoints`):
 A checkpoint counts only once COMPLETE exists, and COMPLETE is written by rank 0 after every rank
 has finished writing its shards (a barrier), then `latest` is switched with an atomic rename. A
 crash or `kill -9` at any moment of a save therefore leaves the previous checkpoint as latest;
-a leftover partial directory is ignored when loading and replaced by the next save.
+a leftover partial directory is ignored when loading and replaced by the next save. A COMPLETE
+checkpoint is never deleted or overwritten by a save (only pruning removes old ones, and pruning
+keeps the newest checkpoint recorded as healthy).
+
+COMPLETE is a small JSON record: the iteration, the layout, the save time, whether training was
+healthy when it was written (training/health.py), and a manifest of every file of the checkpoint
+with its size. Loading checks the manifest first, so a shard that went missing or a file cut
+short (a copy interrupted, a disk that filled up) is named in one line together with the previous
+complete checkpoint, instead of failing deep inside torch.distributed.checkpoint. A write that
+fails (no space left, an I/O error) removes its partial directory and says which checkpoint is
+still intact.
 
 Asynchronous saves (`checkpoint.async_save=true`) split a save in two. Now: the state is planned
 and handed to a forked writer process (megatron-core's `AsyncCallsQueue`; a fork gives the writer
@@ -29,6 +39,8 @@ resolved run configuration.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import random
@@ -40,18 +52,33 @@ import numpy as np
 import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
 from ..config import ConfigError
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
-# Model settings that must match between a checkpoint and the run that loads it.
-SHAPE_KEYS = ("style", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-              "ffn_hidden_size", "time_conditioning", "time_embedding_dim")
+# Model settings that decide what a checkpoint's weights mean: a run that differs in any of them
+# cannot continue from it (the tensors might even load, but would compute another function).
+ARCHITECTURE_KEYS = ("style", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                     "ffn_hidden_size", "time_conditioning", "time_embedding_dim", "zero_timestep",
+                     "num_classes", "rotary_base", "layernorm_epsilon")
+
+
+class CheckpointCorruptError(ConfigError):
+    """A checkpoint marked COMPLETE whose files do not match its manifest, or cannot be read."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A save failed; the message names the partial checkpoint (removed) and the intact latest one."""
 
 
 def checkpoint_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
+
+
+def checkpoint_iteration(path: str) -> int:
+    return int(os.path.basename(os.path.normpath(path)).split("_")[1])
 
 
 def layout() -> dict:
@@ -64,20 +91,90 @@ def is_complete(path: str) -> bool:
     return os.path.isfile(os.path.join(path, COMPLETE))
 
 
-def find_latest(save_dir: str) -> str | None:
-    """The newest complete checkpoint in `save_dir` (following `latest`, else scanning)."""
-    pointer = os.path.join(save_dir, LATEST)
-    if os.path.isfile(pointer):
-        with open(pointer) as f:
-            path = os.path.join(save_dir, f.read().strip())
-        if is_complete(path):
-            return path
+def read_record(path: str) -> dict:
+    """The COMPLETE record of a checkpoint ({} for a checkpoint of an older version, whose marker
+    was written without one)."""
+    try:
+        with open(os.path.join(path, COMPLETE)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def complete_checkpoints(save_dir: str) -> list[str]:
+    """Paths of the COMPLETE checkpoints of `save_dir`, oldest first."""
     if not os.path.isdir(save_dir):
-        return None
-    complete = sorted(d for d in os.listdir(save_dir) if d.startswith("iter_") and is_complete(os.path.join(save_dir, d)))
-    return os.path.join(save_dir, complete[-1]) if complete else None
+        return []
+    names = sorted(d for d in os.listdir(save_dir)
+                   if d.startswith("iter_") and d[5:].isdigit() and is_complete(os.path.join(save_dir, d)))
+    return [os.path.join(save_dir, d) for d in names]
 
 
+def find_latest(save_dir: str) -> str | None:
+    """The newest complete checkpoint in `save_dir`. Found by scanning, not by following `latest`
+    (which is kept for people and scripts): a crash between writing COMPLETE and switching `latest`
+    leaves the pointer one checkpoint behind, and resuming from there would redo finished work."""
+    complete = complete_checkpoints(save_dir)
+    return complete[-1] if complete else None
+
+
+def previous_complete(path: str) -> str | None:
+    """The newest complete checkpoint of the same directory that is older than `path`."""
+    older = [p for p in complete_checkpoints(os.path.dirname(os.path.normpath(path)))
+             if checkpoint_iteration(p) < checkpoint_iteration(path)]
+    return older[-1] if older else None
+
+
+# ------------------------------------------------------------------------------- manifest
+def _manifest(path: str) -> dict:
+    """{relative file path: size in bytes} of every file under a checkpoint directory."""
+    files = {}
+    for root, _, names in os.walk(path):
+        for name in names:
+            full = os.path.join(root, name)
+            files[os.path.relpath(full, path)] = os.path.getsize(full)
+    files.pop(COMPLETE, None)
+    return files
+
+
+def verify_checkpoint(path: str) -> None:
+    """Raise CheckpointCorruptError (one line: what is wrong, and what to resume from instead)
+    unless every file of the manifest in COMPLETE exists with its recorded size."""
+    record = read_record(path)
+    if not is_complete(path):
+        raise CheckpointCorruptError(f"{path} is not a complete checkpoint (no {COMPLETE} marker: the save was "
+                                     f"interrupted){_instead(path)}")
+    expected = record.get("files")
+    if expected is None:  # written before manifests existed: nothing to compare against
+        return
+    problems = []
+    for name, size in sorted(expected.items()):
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            problems.append(f"{name} is missing")
+        elif os.path.getsize(full) != size:
+            problems.append(f"{name} has {os.path.getsize(full):,} bytes instead of {size:,}")
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointCorruptError(f"checkpoint {path} is corrupt: {problems[0]}{more}{_instead(path)}")
+
+
+def _instead(path: str) -> str:
+    previous = previous_complete(path)
+    if previous is None:
+        return "; there is no earlier complete checkpoint in its directory"
+    return (f"; the previous complete checkpoint is {previous}: resume from it with checkpoint.load={previous}"
+            f" (or checkpoint.fallback_to_previous=true)")
+
+
+def set_aside(path: str) -> str:
+    """Rename a corrupt checkpoint out of the way (kept for inspection, never loaded again)."""
+    target = f"{path}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.replace(path, target)
+    return target
+
+
+# ------------------------------------------------------------------------------- state
 def _rng_state() -> dict:
     return {
         "python": random.getstate(),
@@ -127,17 +224,26 @@ def _sharded_state_dict(trainer, is_loading: bool, with_rng: bool) -> dict:
     return state
 
 
+# ------------------------------------------------------------------------------- save
 def save_checkpoint(trainer, iteration: int, save_dir: str, keep_last: int, async_queue=None,
-                    on_complete=None) -> str:
+                    on_complete=None, healthy: bool = True, extra_state: dict | None = None) -> str:
     """Write checkpoint `iteration` on every rank and return its path.
 
     Without `async_queue` the function returns once the checkpoint is COMPLETE. With one (a
     megatron `AsyncCallsQueue`) it returns as soon as the background write is scheduled; COMPLETE,
     `latest` and pruning happen when the queue finalises the request, after every rank's writer
-    finished. `on_complete(path)` runs on every rank once the checkpoint is COMPLETE."""
+    finished. `on_complete(path)` runs on every rank once the checkpoint is COMPLETE. `healthy`
+    is recorded in COMPLETE (pruning keeps the newest healthy checkpoint); `extra_state` joins the
+    checkpoint's common state (e.g. the health guard's counters).
+
+    A failed write raises CheckpointWriteError after removing the partial directory (sync saves;
+    async failures surface in `finalize_async_save`)."""
     from ..config_loader import config_to_dict
 
     path = os.path.join(save_dir, checkpoint_name(iteration))
+    if is_complete(path):  # never overwrite (and so never delete) a checkpoint that counts
+        raise CheckpointWriteError(f"{path} already exists as a complete checkpoint; it is kept, and this run "
+                                   f"does not overwrite it (use another checkpoint.save_dir)")
     rank0 = torch.distributed.get_rank() == 0
     if rank0:
         if os.path.exists(path):  # a partial save of this iteration from a crashed run
@@ -152,23 +258,70 @@ def save_checkpoint(trainer, iteration: int, save_dir: str, keep_last: int, asyn
     state["config"] = config_to_dict(trainer.cfg)
     state["vocab_size"] = trainer.vocab_size
     state.update(_tokenizer_record(trainer))
+    state.update(extra_state or {})
 
     def finalize():
-        _finalize(save_dir, iteration, keep_last, {"layout": layout(), "seconds": time.time() - start,
-                                                   "async": async_queue is not None})
+        _finalize(save_dir, iteration, keep_last, {"layout": layout(), "seconds": round(time.time() - start, 3),
+                                                   "async": async_queue is not None, "healthy": healthy})
         if on_complete is not None:
             on_complete(path)
 
-    if async_queue is None:
-        dist_checkpointing.save(state, path)
-        finalize()
-    else:
-        request = dist_checkpointing.save(state, path, async_sharded_save=True)
-        request.add_finalize_fn(finalize)  # after megatron's own finalisation (metadata files)
-        sys.stdout.flush()  # the forked writer flushes inherited stdio buffers when it exits
-        sys.stderr.flush()
-        async_queue.schedule_async_request(request)
-    return path
+    try:
+        with _injected_write_failure(iteration):
+            if async_queue is None:
+                dist_checkpointing.save(state, path)
+                finalize()
+                return path
+            request = dist_checkpointing.save(state, path, async_sharded_save=True)
+            request.add_finalize_fn(finalize)  # after megatron's own finalisation (metadata files)
+            sys.stdout.flush()  # the forked writer flushes inherited stdio buffers when it exits
+            sys.stderr.flush()
+            async_queue.schedule_async_request(request)  # forks the writer
+            return path
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - every failure of the write, in one line
+        raise write_failure(err, path, save_dir) from err
+
+
+def write_failure(err: BaseException, path: str, save_dir: str) -> CheckpointWriteError:
+    """Remove the partial checkpoint `path` (rank 0) and word the failure in one line."""
+    if torch.distributed.get_rank() == 0 and os.path.isdir(path) and not is_complete(path):
+        shutil.rmtree(path, ignore_errors=True)
+    latest = find_latest(save_dir)
+    intact = f"the latest checkpoint {latest} is intact" if latest else "there is no earlier complete checkpoint"
+    if _is_disk_full(err, save_dir):
+        free = shutil.disk_usage(save_dir).free if os.path.isdir(save_dir) else 0
+        return CheckpointWriteError(f"no space left on device writing {path} ({free / 2**20:.1f} MiB free); "
+                                    f"{intact}; free some space (or lower checkpoint.keep_last) and run again")
+    detail = _first_line(err)
+    return CheckpointWriteError(f"could not write checkpoint {path} ({detail}); the partial checkpoint was removed "
+                                f"and {intact}")
+
+
+def _is_disk_full(err: BaseException, save_dir: str) -> bool:
+    """ENOSPC anywhere in the exception chain, in its text (torch's zip writer reports a full disk
+    as 'unexpected pos'), or a file system with (almost) nothing left."""
+    seen, chain = set(), err
+    while chain is not None and id(chain) not in seen:
+        seen.add(id(chain))
+        if isinstance(chain, OSError) and chain.errno == errno.ENOSPC:
+            return True
+        text = str(chain)
+        if "No space left" in text or "ENOSPC" in text or "unexpected pos" in text:
+            return True
+        chain = chain.__cause__ or chain.__context__
+    try:
+        return os.path.isdir(save_dir) and shutil.disk_usage(save_dir).free < 2**20
+    except OSError:
+        return False
+
+
+def _first_line(err: BaseException) -> str:
+    """The most specific line of an exception chain (the root cause's), for a one-line message."""
+    root = err
+    while root.__cause__ is not None:
+        root = root.__cause__
+    text = str(root).strip().splitlines()
+    return f"{type(root).__name__}: {text[0][:300]}" if text else type(root).__name__
 
 
 def _tokenizer_record(trainer) -> dict:
@@ -192,39 +345,84 @@ def _finalize(save_dir: str, iteration: int, keep_last: int, info: dict) -> None
 
 
 def mark_complete(save_dir: str, iteration: int, info: dict) -> None:
-    """Rank 0, after every rank has written: COMPLETE in the checkpoint, then `latest` -> it."""
-    with open(os.path.join(save_dir, checkpoint_name(iteration), COMPLETE), "w") as f:
-        json.dump({"iteration": iteration, **info}, f)
-    tmp = os.path.join(save_dir, LATEST + ".tmp")
+    """Rank 0, after every rank has written: COMPLETE (with the manifest) in the checkpoint, then
+    `latest` -> it. Both are written to a temporary name first and renamed, so neither is ever seen
+    half-written."""
+    path = os.path.join(save_dir, checkpoint_name(iteration))
+    record = {"iteration": iteration, **info, "files": _manifest(path)}
+    _write_atomically(os.path.join(path, COMPLETE), json.dumps(record))
+    _write_atomically(os.path.join(save_dir, LATEST), checkpoint_name(iteration))
+
+
+def _write_atomically(target: str, text: str) -> None:
+    tmp = target + ".tmp"
     with open(tmp, "w") as f:
-        f.write(checkpoint_name(iteration))
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(save_dir, LATEST))
+    os.replace(tmp, target)
 
 
 def _prune(save_dir: str, keep_last: int) -> None:
+    """Remove complete checkpoints beyond the newest `keep_last`, but never the newest one recorded
+    as healthy (a run that went bad keeps its last good state however many saves followed)."""
     if keep_last <= 0:
         return
-    complete = sorted(d for d in os.listdir(save_dir) if d.startswith("iter_") and is_complete(os.path.join(save_dir, d)))
-    for name in complete[:-keep_last]:
-        shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
+    complete = complete_checkpoints(save_dir)
+    healthy = [p for p in complete if read_record(p).get("healthy", True)]
+    keep = set(complete[-keep_last:]) | set(healthy[-1:])
+    for path in complete:
+        if path not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _fault_spec(point: str, iteration: int) -> bool:
+    """Test hook: PROSEC_FAULT_INJECTION=<point>:<iteration>[:<rank>] names where a test makes a save
+    fail (tests/distributed/test_checkpoints.py, tests/distributed/test_run_safety.py)."""
+    parts = os.environ.get("PROSEC_FAULT_INJECTION", "").split(":")
+    if len(parts) < 2 or parts[0] != point or parts[1] != str(iteration):
+        return False
+    return len(parts) == 2 or parts[2] == str(torch.distributed.get_rank())
 
 
 def _fault_injection(point: str, iteration: int) -> None:
-    """Test hook: PROSEC_FAULT_INJECTION=<point>:<iteration> kills the process there, as
-    `kill -9` would (tests/distributed/test_checkpoints.py)."""
-    if os.environ.get("PROSEC_FAULT_INJECTION") == f"{point}:{iteration}":
+    """`after_shards`: the process dies there, as with `kill -9`."""
+    if _fault_spec(point, iteration):
         os._exit(137)
 
 
+@contextlib.contextmanager
+def _injected_write_failure(iteration: int):
+    """`write`: megatron's shard writer processes fail with ENOSPC, as on a full disk; the failure
+    then travels megatron's real error path (worker -> results queue -> every rank)."""
+    if not _fault_spec("write", iteration):
+        yield
+        return
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    real = filesystem_async._write_item
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+    filesystem_async._write_item = disk_full
+    try:
+        yield
+    finally:
+        filesystem_async._write_item = real
+
+
+# ------------------------------------------------------------------------------- load
 def check_compatible(saved_cfg: dict, cfg, vocab_size: int, path: str, mask_id: int | None = None) -> None:
-    """Refuse a checkpoint of another model shape, vocabulary or mask id, naming the mismatch."""
+    """Refuse a checkpoint of another architecture, vocabulary or mask id, naming the mismatch."""
     saved_model = saved_cfg["model"]
-    for key in SHAPE_KEYS:
-        if saved_model.get(key) != getattr(cfg.model, key):
-            raise ConfigError(f"checkpoint {path} has model.{key}={saved_model.get(key)!r} but this run has "
-                              f"{getattr(cfg.model, key)!r}; load it with the same model settings")
+    for key in ARCHITECTURE_KEYS:
+        if key not in saved_model:  # a checkpoint of an older version, from before the key existed
+            continue
+        if saved_model[key] != getattr(cfg.model, key):
+            raise ConfigError(f"checkpoint {path} has model.{key}={saved_model[key]!r} but this run has "
+                              f"{getattr(cfg.model, key)!r}; load it with the same model settings "
+                              f"(model.{key}={saved_model[key]})")
     saved_vocab = saved_cfg.get("vocab_size")
     if saved_vocab is not None and saved_vocab != vocab_size:
         raise ConfigError(f"checkpoint {path} has a vocabulary of {saved_vocab} rows but this run's model has "
@@ -235,23 +433,51 @@ def check_compatible(saved_cfg: dict, cfg, vocab_size: int, path: str, mask_id: 
                           f"mask id {mask_id}; name the checkpoint's mask token with data.tokenizer.mask_token")
 
 
-def load_checkpoint(trainer, path: str) -> tuple[int, bool]:
-    """Load model, optimizer, scheduler (and RNG if the layout is unchanged).
+def load_common(path: str) -> dict:
+    """The non-tensor state of a checkpoint (iteration, config, scheduler...), after checking its
+    manifest; an unreadable file becomes a one-line CheckpointCorruptError."""
+    verify_checkpoint(path)
+    try:
+        return dist_checkpointing.load_common_state_dict(path)
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - torch/megatron raise many types for an unreadable file
+        raise CheckpointCorruptError(f"checkpoint {path} could not be read ({_first_line(err)}){_instead(path)}") \
+            from err
+
+
+def _load_sharded(template: dict, path: str) -> dict:
+    try:
+        return dist_checkpointing.load(template, path)
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - as load_common
+        raise CheckpointCorruptError(f"checkpoint {path} could not be read ({_first_line(err)}){_instead(path)}") \
+            from err
+
+
+def load_weights(trainer, path: str) -> dict:
+    """Load only the model weights of any checkpoint (a training checkpoint or a model-only one,
+    e.g. imported from Hugging Face) into the trainer's model; the optimizer's main copies follow.
+    Returns the checkpoint's common state."""
+    common = load_common(path)
+    check_compatible(common["config"] | {"vocab_size": common.get("vocab_size"), "mask_id": common.get("mask_id")},
+                     trainer.cfg, trainer.vocab_size, path, getattr(trainer, "mask_id", None))
+    _load_model_state(trainer, _load_sharded(_model_sharded_state(trainer), path))
+    trainer.optimizer.reload_model_params()  # the optimizer's fp32 main copies, when there are any
+    return common
+
+
+def load_checkpoint(trainer, path: str, common: dict | None = None) -> tuple[int, bool]:
+    """Load model, optimizer, scheduler (and RNG if the layout is unchanged) to resume training.
+    A model-only checkpoint loads its weights and starts at iteration 0.
 
     Returns (iteration, whether the RNG states were restored)."""
-    if not is_complete(path):
-        raise ConfigError(f"{path} is not a complete checkpoint (no {COMPLETE} marker: the save was interrupted); "
-                          f"point checkpoint.load at a complete one")
-    common = dist_checkpointing.load_common_state_dict(path)
+    common = common if common is not None else load_common(path)
     check_compatible(common["config"] | {"vocab_size": common.get("vocab_size"), "mask_id": common.get("mask_id")},
                      trainer.cfg, trainer.vocab_size, path, getattr(trainer, "mask_id", None))
     if common.get("model_only"):  # e.g. imported from Hugging Face: weights only, training starts at 0
-        _load_model_state(trainer, dist_checkpointing.load(_model_sharded_state(trainer), path))
-        trainer.optimizer.reload_model_params()  # the optimizer's fp32 main copies, when there are any
+        load_weights(trainer, path)
         return 0, False
     same_layout = common["layout"] == layout()
     template = _sharded_state_dict(trainer, is_loading=True, with_rng=same_layout)
-    loaded = dist_checkpointing.load(template, path)
+    loaded = _load_sharded(template, path)
     _load_model_state(trainer, loaded)
     trainer.optimizer.load_state_dict(loaded["optimizer"])
     trainer.scheduler.load_state_dict(common["scheduler"])
@@ -283,7 +509,7 @@ def load_model_for_inference(checkpoint: str, tp: int = 1):
     from ..runtime import initialize_distributed
 
     path = resolve_checkpoint(checkpoint)
-    common = dist_checkpointing.load_common_state_dict(path)
+    common = load_common(path)
     cfg = config_from_dict(common["config"])
     cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, cfg.parallel.sequence_parallel = tp, 1, None, False
     if not torch.distributed.is_initialized():
@@ -291,5 +517,5 @@ def load_model_for_inference(checkpoint: str, tp: int = 1):
     elif parallel_state.get_tensor_model_parallel_world_size() != tp:
         raise ValueError("torch.distributed is already initialised with another TP size")
     model = build_model(cfg, common["vocab_size"])
-    model.load_state_dict(dist_checkpointing.load({"model": model.sharded_state_dict()}, path)["model"])
+    model.load_state_dict(_load_sharded({"model": model.sharded_state_dict()}, path)["model"])
     return model, cfg, common, path

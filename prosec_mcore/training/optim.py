@@ -84,3 +84,48 @@ def build_optimizer(model_chunks, train: TrainConfig, bf16: bool, parallel: Para
         wd_incr_style="constant",
     )
     return optimizer, scheduler
+
+
+# Settings that shape the LR / weight-decay schedule, and settings that fix what iteration k means
+# (the samples and the noise of a global batch are functions of the iteration, the batch size and
+# the seed: data/datasets.py, diffusion/noise.py).
+SCHEDULE_KEYS = ("lr", "min_lr", "lr_warmup_iters", "lr_decay_style", "weight_decay", "iters")
+POSITION_KEYS = ("global_batch_size", "seed")
+
+
+def schedule_on_resume(saved_train: dict, train: TrainConfig, path: str) -> tuple[str, str | None]:
+    """Which LR schedule a resumed run follows: ("checkpoint" | "config", a note to print or None).
+
+    Megatron-LM's convention: a changed schedule setting needs an explicit choice,
+    train.override_opt_param_scheduler (this run's settings, from the resumed step on) or
+    train.use_checkpoint_opt_param_scheduler (the checkpoint's). Without either it is refused,
+    except a longer train.iters, which simply continues the checkpoint's schedule (for a decaying
+    schedule: min_lr after the old end). Raises ConfigError for a refused change."""
+    from ..config import ConfigError
+
+    for key in POSITION_KEYS:
+        if key in saved_train and saved_train[key] != getattr(train, key):
+            raise ConfigError(f"checkpoint {path} was trained with train.{key}={saved_train[key]} but this run has "
+                              f"{getattr(train, key)}: the data position and the diffusion noise of an iteration "
+                              f"depend on it; resume with train.{key}={saved_train[key]}, or start a new run from "
+                              f"these weights with checkpoint.pretrained={path}")
+    changed = {k: (saved_train[k], getattr(train, k)) for k in SCHEDULE_KEYS
+               if k in saved_train and saved_train[k] != getattr(train, k)}
+    if not changed:
+        return "checkpoint", None
+    listed = ", ".join(f"train.{k} {old} -> {new}" for k, (old, new) in changed.items())
+    if train.override_opt_param_scheduler:
+        return "config", f"LR schedule from this run's settings ({listed}), from the resumed iteration on"
+    if train.use_checkpoint_opt_param_scheduler:
+        return "checkpoint", f"LR schedule of the checkpoint; this run's changed settings are ignored ({listed})"
+    if set(changed) == {"iters"} and train.iters > saved_train["iters"]:
+        old = saved_train["iters"]
+        follows = ("constant LR" if saved_train.get("lr_decay_style") == "constant" else
+                   f"{saved_train.get('lr_decay_style')} decay to min_lr={saved_train.get('min_lr')} by iteration "
+                   f"{old}, then min_lr")
+        return "checkpoint", (f"train.iters extended from {old} to {train.iters}: following the checkpoint's LR "
+                              f"schedule ({follows}); train.override_opt_param_scheduler=true spreads the schedule "
+                              f"over the new train.iters instead")
+    raise ConfigError(f"checkpoint {path} was trained with another LR schedule ({listed}); choose "
+                      f"train.override_opt_param_scheduler=true (apply this run's settings from the resumed step) or "
+                      f"train.use_checkpoint_opt_param_scheduler=true (keep the checkpoint's)")

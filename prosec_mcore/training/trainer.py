@@ -1,24 +1,29 @@
 """The ProSeCo pre-training loop on megatron-core (the same code on GPU and on CPU).
 
-    Trainer(cfg).train()
+    trainer = Trainer(cfg)      # processes, data, model, optimizer; where the run starts
+    trainer.train()             # iterate, validate, save; raises RunError when a run must stop
 
-builds, in order: the process groups (runtime/distributed.py), the tokenizer and datasets
-(data/), the model chunk of this rank (model/builder.py) wrapped in megatron-core DDP, the
-optimizer and LR schedule (optim.py), and the ProSeCo step (step.py). Each iteration draws the
-global batch (split over data-parallel ranks and micro-batches), runs the step, takes one
-optimizer step and logs iteration, the two loss terms, learning rate, gradient norm,
+builds, in order: the process groups (runtime/distributed.py), the run's lifecycle (lifecycle.py:
+the run-directory lock, where to start, saves, signals), the tokenizer and datasets (data/), the
+model chunks of this rank (model/builder.py) wrapped in megatron-core DDP, the optimizer and LR
+schedule (optim.py), the ProSeCo step (step.py) and the health guard (health.py). Each iteration
+draws the global batch (split over data-parallel ranks and micro-batches), runs
+`forward_backward`, lets the health guard judge the loss and gradient norm, applies the update
+(`optimizer_step`), and logs iteration, the two loss terms, learning rate, gradient norm,
 tokens/s and ETA.
+
+Public API for tools and tests: `microbatches`, `forward_backward`, `optimizer_step`,
+`train_step`, `validate`, `train`, the `objective` property, `add_gradient_hook`, `close`.
 """
 from __future__ import annotations
 
 import math
 import os
-import signal
 import time
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from megatron.core.distributed import finalize_model_grads
 
 from ..config import Config, ConfigError, validate_config
 from ..config_loader import config_to_dict
@@ -30,10 +35,11 @@ from ..model.layer_specs import attention_kernels, describe_backend
 from ..perf.report import StepAccounting, startup_lines
 from ..runtime import describe_cpu_compat, initialize_distributed
 from ..runtime.init import init_weights_layout_independent
-from .checkpoint import find_latest, load_checkpoint, save_checkpoint
-from .grads import finalize_prosec_grads
+from .checkpoint import load_checkpoint, load_weights
+from .health import APPLY, SKIP, STOP, HealthGuard
+from .lifecycle import RunLifecycle, StartPoint, UnhealthyTrainingError
 from .metrics_logger import MetricsLogger
-from .optim import build_optimizer, data_parallel_features, wrap_ddp
+from .optim import build_optimizer, data_parallel_features, schedule_on_resume, wrap_ddp
 from .step import NoiseSettings, ProSeCoStep, loss_options
 
 
@@ -61,7 +67,18 @@ class Trainer:
         self.is_logger = self.rank == 0
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+        self.run = RunLifecycle(cfg, self.device, self.is_logger)
+        self.run.acquire()  # before anything is written into the run directory
+        self.logger = None
+        try:
+            self._build(cfg, world_size)
+        except BaseException:
+            self.close()
+            raise
 
+    def _build(self, cfg: Config, world_size: int) -> None:
         prefix, tok_path = resolve_data_paths(cfg)
         try:  # the data layer reports bad input (vocabulary/data mismatch, empty data) as ValueError
             self._build_data(cfg, prefix, tok_path)
@@ -69,11 +86,15 @@ class Trainer:
             raise ConfigError(str(err)) from err
 
         t = cfg.train
+        start = self.run.choose_start()
         self.model = build_model_chunks(cfg, self.vocab_size)
-        init_weights_layout_independent(self.model, seed=t.seed)
+        if start.kind == "fresh":
+            init_weights_layout_independent(self.model, seed=t.seed)
         self.tconfig = self.model[0].config
         self.model = wrap_ddp(self.model, self.tconfig, cfg.parallel)
-        self.tconfig.finalize_model_grads_func = finalize_prosec_grads
+        # megatron-core's own gradient finalisation: DP reduction, SP norm reduction across TP, and
+        # (config.has_cond_embedder) the sum of the time-embedder copies over the pipeline stages.
+        self.tconfig.finalize_model_grads_func = finalize_model_grads
         self.tconfig.no_sync_func = self.model[0].no_sync if len(self.model) == 1 else [m.no_sync for m in self.model]
         self.bf16 = params_dtype(t.precision) == torch.bfloat16
         self.optimizer, self.scheduler = build_optimizer(self.model, t, self.bf16, cfg.parallel)
@@ -84,84 +105,74 @@ class Trainer:
         self.step = ProSeCoStep(self.model, self.tconfig, o.name, self.loss_opts,
                                 build_schedule(o.schedule, o.schedule_eps), self.mask_id, self.tokenizer_vocab_size,
                                 cfg.data.seq_length, t.micro_batch_size)
+        self.health = HealthGuard(cfg.health, self.device)
+        fault = os.environ.get("PROSEC_FAULT_INJECTION", "").split(":")
+        if fault[0] == "nonfinite":  # test hook: NaN loss and gradients at iteration fault[1]
+            self.step.nonfinite_batch = int(fault[1]) - 1
+        self._gradient_hooks = []
         self.logger = MetricsLogger(cfg.run_dir, t.iters, enabled=self.is_logger,
                                     tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
                                     wandb_project=cfg.logging.wandb_project, wandb_mode=cfg.logging.wandb_mode,
                                     config_dict=config_to_dict(cfg))
         self._print_startup(prefix, tok_path)
-        self.save_dir = cfg.checkpoint.save_dir or os.path.join(cfg.run_dir, "checkpoints")
-        # Background checkpoint writes (megatron-core's queue of forked writers); None: synchronous saves.
-        self.async_queue = AsyncCallsQueue() if cfg.checkpoint.async_save else None
-        self.start_iteration = self._maybe_resume()
-        self._exit_signal = None
-        if cfg.checkpoint.save_on_exit_signal:
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(sig, self._on_exit_signal)
+        self.save_dir = self.run.save_dir
+        self.start_iteration = self._restore(start)
+        self.run.install_signal_handlers()
 
-    # ------------------------------------------------------------------ checkpoints
-    def _maybe_resume(self) -> int:
-        ck = self.cfg.checkpoint
-        path = ck.load
-        if path is not None and not os.path.isdir(path):
-            raise FileNotFoundError(f"checkpoint.load={path} does not exist")
-        if path is None and ck.resume:
-            path = find_latest(self.save_dir)
-        if path is None:
-            return 0
-        self.finalize_pending_saves(blocking=True)  # a checkpoint being written must not be read
-        iteration, rng_restored = load_checkpoint(self, path)
+    def _restore(self, start: StartPoint) -> int:
+        """Load what `start` names (lifecycle.choose_start decided) and say what was used."""
+        rng_restored = False
+        iteration = 0
+        if start.kind == "pretrained":
+            load_weights(self, start.path)
+        elif start.kind in ("load", "resume"):
+            mode = "checkpoint"
+            if not start.common.get("model_only"):
+                mode, note = schedule_on_resume(start.common["config"].get("train", {}), self.cfg.train, start.path)
+                self.scheduler.override_opt_param_scheduler = mode == "config"
+                self.scheduler.use_checkpoint_opt_param_scheduler = mode == "checkpoint"
+                if note and self.is_logger:
+                    print(f"[prosec] {note}", flush=True)
+            # megatron's param groups carry their own max_lr/min_lr, which the optimizer state restores
+            # from the checkpoint: with this run's schedule, they must be this run's again.
+            peaks = [(g.get("max_lr"), g.get("min_lr")) for g in self.optimizer.param_groups]
+            iteration, rng_restored = load_checkpoint(self, start.path, start.common)
+            if mode == "config":
+                for group, (max_lr, min_lr) in zip(self.optimizer.param_groups, peaks):
+                    group["max_lr"], group["min_lr"] = max_lr, min_lr
+                self.scheduler.step(increment=0)  # the rate of the resumed step under this run's schedule
+            self.health.load_state_dict(start.common.get("health", {}))
+            self.run.last_saved = iteration
         if self.is_logger:
-            note = "" if rng_restored else " (new parallel layout: per-rank RNG states not restored)"
-            print(f"[prosec] resumed from {path} at iteration {iteration}{note}", flush=True)
+            print(f"[prosec] {self.run.describe_start(start, rng_restored)}", flush=True)
         return iteration
 
-    def _on_exit_signal(self, signum, frame):
-        self._exit_signal = signal.Signals(signum).name
+    def extra_checkpoint_state(self) -> dict:
+        """What a checkpoint keeps besides model, optimizer, schedule and RNG: the guard's counters."""
+        return {"health": self.health.state_dict()}
 
-    def _exit_reason(self, iteration: int) -> str | None:
-        """Why to stop after this iteration: a signal on any rank (all ranks must stop at the same
-        iteration, hence the all-reduce), train.exit_file present, or train.exit_interval."""
-        exit_file = self.cfg.train.exit_file
-        flags = torch.tensor([1.0 if self._exit_signal else 0.0,
-                              1.0 if exit_file and os.path.exists(exit_file) else 0.0], device=self.step.device)
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        signalled, file_seen = flags.tolist()
-        if signalled:
-            return self._exit_signal or "exit signal on another rank"
-        if file_seen:  # ranks may see a shared file system at different times: the all-reduce agrees
-            return f"train.exit_file {exit_file} exists"
-        interval = self.cfg.train.exit_interval
-        if interval and iteration % interval == 0 and iteration < self.cfg.train.iters:
-            return f"train.exit_interval={interval}"
-        return None
+    def close(self) -> None:
+        """Release the run directory and the logger (also called when construction fails)."""
+        if self.logger is not None:
+            self.logger.close()
+        self.run.close()
 
-    def save(self, iteration: int) -> str:
-        """Save checkpoint `iteration`; with checkpoint.async_save it is written in the background and
-        becomes COMPLETE (and `latest`) when a later `finalize_pending_saves` finds every rank done."""
-        self.finalize_pending_saves(blocking=True)  # one save in flight at a time, finalised in order
-        self._sync_parameters()
-        path = save_checkpoint(self, iteration, self.save_dir, self.cfg.checkpoint.keep_last,
-                               async_queue=self.async_queue, on_complete=self._announce_saved)
-        if self.is_logger and self.async_queue is not None:
-            print(f"[prosec] writing checkpoint {path} in the background", flush=True)
-        return path
+    # ------------------------------------------------------------------ objective
+    @property
+    def objective(self) -> str:
+        """The objective the next steps train: `proseco` or `mdlm` (benchmarks switch it)."""
+        return self.step.objective
 
-    def _sync_parameters(self) -> None:
-        """With parallel.overlap_param_gather the all-gather of the parameters updated by the last
-        optimizer step waits for the next forward pass; a checkpoint must not wait: gather now."""
-        for chunk in self.model:
-            if getattr(chunk, "use_forward_hook", False):
-                chunk.start_param_sync(force_sync=True)
+    @objective.setter
+    def objective(self, name: str) -> None:
+        if name not in ("proseco", "mdlm"):
+            raise ValueError(f"objective must be proseco or mdlm, not {name!r}")
+        self.step.objective = name
 
-    def _announce_saved(self, path: str) -> None:
-        if self.is_logger:
-            print(f"[prosec] saved checkpoint {path}", flush=True)
-
-    def finalize_pending_saves(self, blocking: bool) -> None:
-        """Finalise background saves whose writers have finished on every rank (all of them, waiting,
-        when `blocking`). A collective: every rank calls it at the same point of the run."""
-        if self.async_queue is not None and self.async_queue.get_num_unfinalized_calls():
-            self.async_queue.maybe_finalize_async_calls(blocking=blocking)
+    def add_gradient_hook(self, hook) -> None:
+        """Call `hook(trainer, iteration)` after each iteration's gradients are final (reduced over
+        every parallel group) and before the update is applied: gradient checks and statistics."""
+        self._gradient_hooks.append(hook)
 
     # ------------------------------------------------------------------ helpers
     def _build_data(self, cfg: Config, prefix: str, tok_path):
@@ -179,7 +190,8 @@ class Trainer:
         self.mask_id = self.tokenizer.mask_id
         t = cfg.train
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.dp_size)
-        eval_samples = (t.iters // max(t.eval_interval, 1) + 2) * t.eval_iters * t.global_batch_size
+        # Validation reads the same eval_iters global batches every time (`validate`): that is all it needs.
+        eval_samples = t.eval_iters * t.global_batch_size if t.eval_interval else 0
         self.train_ds, self.valid_ds, _ = build_datasets(
             prefix, self.tokenizer, cfg.data.seq_length, cfg.data.split, t.seed,
             (t.iters * t.global_batch_size, eval_samples, 0), os.path.join(cfg.run_dir, "dataset_cache"),
@@ -214,7 +226,8 @@ class Trainer:
         print(f"[prosec] global batch {cfg.train.global_batch_size} = micro {cfg.train.micro_batch_size} x "
               f"{self.num_microbatches} accumulation x dp {self.dp_size} | run dir {cfg.run_dir}", flush=True)
 
-    def _noise(self, valid: bool) -> NoiseSettings:
+    def noise_settings(self, valid: bool) -> NoiseSettings:
+        """The diffusion noise of a training (or validation) batch: seed, eps, the RNG streams."""
         o, t = self.cfg.objective, self.cfg.train
         return NoiseSettings(
             seed=t.seed, eps=o.eps_valid if valid else o.eps_train, antithetic=o.antithetic,
@@ -224,26 +237,56 @@ class Trainer:
             cond_dropout=0.0 if valid else o.cond_dropout, null_label=self.cfg.model.num_classes,
         )
 
-    def _next_microbatches(self, iterator):
-        return [next(iterator) for _ in range(self.num_microbatches)]
-
-    def _batches(self, dataset, start_iteration: int = 0):
+    def microbatches(self, index: int, split: str = "train") -> list:
+        """This rank's micro-batches of global batch `index` (0-based) of the `train` or `valid`
+        split. Training iteration k (as logged, from 1) reads training batch k - 1; validation
+        always reads validation batches 0 .. eval_iters - 1."""
+        dataset = {"train": self.train_ds, "valid": self.valid_ds}[split]
         t = self.cfg.train
-        return make_batch_iterator(dataset, t.global_batch_size, t.micro_batch_size, self.dp_rank, self.dp_size,
-                                   start_iteration, labels=self.labels)
+        batches = make_batch_iterator(dataset, t.global_batch_size, t.micro_batch_size, self.dp_rank, self.dp_size,
+                                      labels=self.labels)
+        return batches.microbatches(index)
 
-    # ------------------------------------------------------------------ train / validate
-    def train_step(self, microbatches) -> dict:
+    # ------------------------------------------------------------------ one iteration
+    def forward_backward(self, microbatches) -> dict:
+        """Forward and backward of one global batch (both ProSeCo passes): afterwards the gradients
+        are final, reduced over every parallel group, and the optimizer has not stepped. Returns
+        the batch's global metrics (loss terms, accuracies)."""
         for chunk in self.model:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        metrics = self.step.run(microbatches, self._noise(valid=False))
-        metrics["lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this step applies
-        ok, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=self.cfg.train.global_batch_size)
-        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        metrics["update_skipped"] = not ok
+        return self.step.run(microbatches, self.noise_settings(valid=False))
+
+    def optimizer_step(self, iteration: int, loss: float) -> dict:
+        """Judge the iteration (health guard) and apply its update unless it must be skipped or the
+        run stopped. Returns lr (the rate this step applies), grad_norm (the norm clipping uses:
+        of the gradients counted once across TP, PP and DP) and `update` (applied | skipped |
+        stopped, with the reason in `health_note`)."""
+        out = {"lr": self.optimizer.param_groups[0]["lr"]}
+        self.optimizer.prepare_grads()  # megatron: main grads from the model grads (idempotent)
+        grad_norm = float(self.optimizer.get_grad_norm())
+        verdict = self.health.agree(self.health.judge(iteration, loss, grad_norm))
+        self.health.record(iteration, verdict, loss)
+        out.update(grad_norm=grad_norm, update={APPLY: "applied", SKIP: "skipped", STOP: "stopped"}[verdict.action])
+        if verdict.reason:
+            out["health_note"] = verdict.reason
+        if verdict.action == APPLY:
+            # megatron's step prepares the grads again and recomputes the same norm for clipping:
+            # the price of calling its public step() (a pass over the gradients) is small.
+            ok, _, _ = self.optimizer.step()
+            if ok:
+                self.scheduler.step(increment=self.cfg.train.global_batch_size)
+            else:  # fp16 loss scaling found inf/nan: megatron skipped the update itself
+                out["update"] = "skipped"
+        return out
+
+    def train_step(self, microbatches, iteration: int = 0) -> dict:
+        """`forward_backward`, the gradient hooks, then `optimizer_step`: one training iteration."""
+        metrics = self.forward_backward(microbatches)
+        for hook in self._gradient_hooks:
+            hook(self, iteration)
+        metrics.update(self.optimizer_step(iteration, metrics["loss"]))
         return metrics
 
     @torch.no_grad()
@@ -253,10 +296,9 @@ class Trainer:
         NLL, the mean -log p_theta(x | y) per token."""
         for chunk in self.model:
             chunk.eval()
-        iterator = self._batches(self.valid_ds)
         totals: dict = {}
-        for _ in range(self.cfg.train.eval_iters):
-            m = self.step.run(self._next_microbatches(iterator), self._noise(valid=True), forward_only=True,
+        for index in range(self.cfg.train.eval_iters):
+            m = self.step.run(self.microbatches(index, "valid"), self.noise_settings(valid=True), forward_only=True,
                               with_corrector=True)
             for key in ("mdm_loss", "sc_loss", "corrector_nll", "corrector_accuracy_on_errors"):
                 totals[key] = totals.get(key, 0.0) + m[key] / self.cfg.train.eval_iters
@@ -268,17 +310,27 @@ class Trainer:
             "valid_corrector_accuracy_on_errors": totals["corrector_accuracy_on_errors"],
         }
 
-    def train(self, start_iteration: int | None = None) -> None:
-        t = self.cfg.train
-        ck = self.cfg.checkpoint
-        start_iteration = self.start_iteration if start_iteration is None else start_iteration
-        iterator = self._batches(self.train_ds, start_iteration)
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> None:
+        """Train from `start_iteration` to train.iters, validating, saving and logging; stops
+        early (after saving) on a signal, train.exit_file or train.exit_interval. Raises
+        UnhealthyTrainingError or SaveFailedError (lifecycle.py) when the run cannot go on."""
+        try:
+            self._train()
+        finally:
+            self.close()
+
+    def _train(self) -> None:
+        t, ck = self.cfg.train, self.cfg.checkpoint
         tokens_per_iter = t.global_batch_size * self.cfg.data.seq_length
         window_start, window_iters = time.time(), 0
-        iteration = start_iteration
-        for iteration in range(start_iteration + 1, t.iters + 1):
+        iteration = self.start_iteration
+        if self.start_iteration >= t.iters and self.is_logger:
+            print(f"[prosec] nothing to do: the run is at iteration {self.start_iteration} and train.iters={t.iters}; "
+                  f"raise train.iters to train further", flush=True)
+        for iteration in range(self.start_iteration + 1, t.iters + 1):
             begin = time.time()
-            metrics = self.train_step(self._next_microbatches(iterator))
+            metrics = self.train_step(self.microbatches(iteration - 1), iteration)
             elapsed = time.time() - begin
             window_iters += 1
             record = {"iteration": iteration, "loss": metrics["loss"], "mdm_loss": metrics["mdm_loss"],
@@ -286,28 +338,50 @@ class Trainer:
                       "tokens_per_s": tokens_per_iter / elapsed, "step_time_s": elapsed,
                       **self.accounting.metrics(elapsed),
                       **{k: v for k, v in metrics.items() if k not in ("loss", "mdm_loss", "sc_loss", "tokens", "lr")}}
-            if t.eval_interval and (iteration % t.eval_interval == 0 or iteration == t.iters):
+            stop = metrics["update"] == "stopped"
+            if not stop and t.eval_interval and (iteration % t.eval_interval == 0 or iteration == t.iters):
                 record.update(self.validate())
-            console = iteration % t.log_interval == 0 or iteration == t.iters or iteration == start_iteration + 1
-            sec_per_iter = (time.time() - window_start) / window_iters
-            self.logger.log(record, console=console, seconds_per_iter=sec_per_iter)
-            self.finalize_pending_saves(blocking=False)
-            saved = False
-            if ck.save_interval and (iteration % ck.save_interval == 0 or iteration == t.iters):
+            console = (iteration % t.log_interval == 0 or iteration == t.iters or iteration == self.start_iteration + 1
+                       or "health_note" in metrics)
+            self.logger.log(record, console=console, seconds_per_iter=(time.time() - window_start) / window_iters)
+            if "health_note" in metrics and self.is_logger:
+                print(f"[prosec] health: {metrics['health_note']} -> update {metrics['update']}", flush=True)
+            if stop:
+                self._stop_unhealthy(iteration, metrics["health_note"])
+            self.run.finalize_pending(blocking=False)
+            if ck.save_interval and iteration % ck.save_interval == 0:
                 self.save(iteration)
-                saved = True
-            exit_reason = self._exit_reason(iteration)
+            exit_reason = self.run.exit_reason(iteration)
             if exit_reason:
-                if not saved:
-                    self.save(iteration)
+                begin = time.time()
+                self.save(iteration)
+                self.run.finalize_pending(blocking=True)
                 if self.is_logger:
-                    print(f"[prosec] {exit_reason}: saved iteration {iteration} and stopped; "
-                          f"run the same command again to resume", flush=True)
+                    print(f"[prosec] {exit_reason}: saved iteration {iteration} in {time.time() - begin:.1f} s and "
+                          f"stopped; run the same command again to resume", flush=True)
                 break
-        self.finalize_pending_saves(blocking=True)  # the last checkpoint is COMPLETE before we report
+        else:
+            if ck.save_at_end and iteration > self.start_iteration:
+                self.save(iteration)
+        self.run.finalize_pending(blocking=True)  # the last checkpoint is COMPLETE before we report
         if self.is_logger:
             state = "done" if iteration >= t.iters else "stopped"
+            saved = f" | checkpoints: {self.save_dir}" if self.run.last_saved is not None else ""
             print(f"[prosec] {state} at iteration {iteration}/{t.iters}. metrics: {self.logger.path}"
-                  + (f" | tensorboard: {os.path.join(self.cfg.run_dir, 'tensorboard')}" if self.cfg.logging.tensorboard else ""),
-                  flush=True)
-        self.logger.close()
+                  + (f" | tensorboard: {os.path.join(self.cfg.run_dir, 'tensorboard')}" if self.cfg.logging.tensorboard else "")
+                  + saved, flush=True)
+
+    def save(self, iteration: int) -> str | None:
+        """Save checkpoint `iteration` (a collective; see lifecycle.RunLifecycle.save)."""
+        return self.run.save(self, iteration, healthy=self.health.healthy_at(iteration))
+
+    def _stop_unhealthy(self, iteration: int, reason: str) -> None:
+        self.run.finalize_pending(blocking=True)
+        from .checkpoint import find_latest
+
+        latest = find_latest(self.save_dir)
+        keep = (f"the newest checkpoint, {latest}, holds healthy weights" if latest else
+                "no checkpoint has been written yet")
+        raise UnhealthyTrainingError(
+            f"{reason}: the update was not applied and nothing was saved from it; {keep}. Lower train.lr (or "
+            f"raise train.lr_warmup_iters) and run again to resume, or set health.nonfinite=skip to skip such updates")

@@ -44,7 +44,9 @@ step environment 60 bash -c "nvidia-smi -L 2>/dev/null || echo 'no nvidia-smi'; 
 print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'megatron-core', m.__version__)\"; \
 python3 -c 'import transformer_engine as te; print(\"transformer_engine\", te.__version__)' 2>&1 | tail -1"
 step prepare_data 300 python3 tools/prepare_data.py --out-dir data_cache/shakespeare
-step gpu_tests 900 python3 -m pytest -q -s -p no:cacheprovider tests/gpu
+# tests/gpu checks that each feature engaged (tests/gpu/engagement.py) before comparing runs;
+# every training run's evidence and metrics are kept in $OUT/gpu_tests; -rs names skipped tests.
+step gpu_tests 900 env PROSEC_GPU_EVIDENCE_DIR="$OUT/gpu_tests" python3 -m pytest -q -s -rs -p no:cacheprovider tests/gpu
 step bench_bf16 600 python3 tools/benchmark_throughput.py "${ITERS[@]}" "${MODEL[@]}"
 step bench_bf16_fused_ce 600 python3 tools/benchmark_throughput.py "${ITERS[@]}" "${MODEL[@]}" \
   train.cross_entropy_loss_fusion=true

@@ -1,10 +1,13 @@
-"""Runs on every rank of a distributed test: train a few steps, then record what to compare.
+"""Runs on every rank of a layout test: train a few steps from a generic point, recording the
+gradients of the first step before the optimizer applies them.
 
     train_and_record(overrides_json, out_dir, mode)
-      mode "save":    (the TP=1 PP=1 reference) save every parameter, by global name
-      mode <path>:    compare this rank's parameter shards with the reference saved at <path>,
-                      sliced exactly as tensor parallelism splits them, and write the largest
-                      relative difference of each tensor to <out_dir>/diff_rank<r>.json
+      mode "save":    (the TP=1 PP=1 reference) save, by global parameter name, the gradients of
+                      iteration 1 and the weights after the last iteration, and the float64 norm
+                      of those gradients
+      mode <path>:    compare this rank's gradient and weight shards with the reference saved at
+                      <path>, sliced exactly as tensor parallelism splits them, and write the
+                      largest relative difference of each tensor to <out_dir>/diff_rank<r>.json
 The per-step metrics come from <run_dir>/metrics.jsonl, written by rank 0.
 """
 import json
@@ -19,24 +22,45 @@ def train_and_record(overrides_json, out_dir, mode):
     from megatron.core import parallel_state
 
     from prosec_mcore.config_loader import load_config
-    from prosec_mcore.runtime.init import _tp_slice, global_parameter_names
+    from prosec_mcore.runtime.init import global_parameter_names, tp_slice
     from prosec_mcore.training.trainer import Trainer
+    from tests.compare import set_generic_point_distributed
 
     trainer = Trainer(load_config(json.loads(overrides_json)))
+    set_generic_point_distributed(trainer.model, seed=7)  # every block matters from step 1
+    trainer.optimizer.reload_model_params()  # fp32 main copies, when the optimizer keeps any
+
+    def named(gradients: bool):
+        """(global name, tensor) of this rank's parameters or their gradients (several chunks with
+        the interleaved pipeline, so the time embedder may appear once per chunk)."""
+        return [(name, (p.main_grad if gradients else p).detach().clone())
+                for chunk in trainer.model for name, p in global_parameter_names(chunk.module).items()]
+
+    grads = []
+
+    def record_first_gradients(_, iteration):
+        if iteration == 1:
+            grads.extend(named(gradients=True))
+
+    trainer.add_gradient_hook(record_first_gradients)
     trainer.train()
-    # Every chunk of this rank (several with the interleaved pipeline); layer names are global.
-    params = [item for chunk in trainer.model for item in global_parameter_names(chunk.module).items()]
+    weights = named(gradients=False)
     rank = torch.distributed.get_rank()
     if mode == "save":
-        torch.save({name: p.detach().clone() for name, p in params}, os.path.join(out_dir, "weights.pt"))
+        norm = sum(g.double().square().sum().item() for _, g in grads) ** 0.5  # one process: each once
+        torch.save({"grads": dict(grads), "weights": dict(weights), "grad_norm_f64": norm},
+                   os.path.join(out_dir, "reference.pt"))
         return
     reference = torch.load(mode)
+    params = {n: p for chunk in trainer.model for n, p in global_parameter_names(chunk.module).items()}
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    diffs = {}
-    for name, p in params:  # a name seen twice (the time embedder of each chunk) keeps the worst
-        expected = _tp_slice(reference[name], p, tp_rank, tp_size)
-        scale = expected.abs().max().item() or 1.0
-        diffs[name] = max(diffs.get(name, 0.0), (p.detach() - expected).abs().max().item() / scale)
+    diffs = {"grads": {}, "weights": {}}
+    for kind, tensors in (("grads", grads), ("weights", weights)):
+        for name, value in tensors:  # a name seen twice (the time embedder of each chunk) keeps the worst
+            expected = tp_slice(reference[kind][name], params[name], tp_rank, tp_size)
+            scale = expected.abs().max().item() or 1.0
+            diff = (value - expected).abs().max().item() / scale
+            diffs[kind][name] = max(diffs[kind].get(name, 0.0), diff)
     with open(os.path.join(out_dir, f"diff_rank{rank}.json"), "w") as f:
         json.dump(diffs, f)

@@ -40,6 +40,7 @@ def async_worker(prepare_dir: str, run_dir: str) -> None:
     trainer = Trainer(load_config(_overrides(prepare_dir, run_dir)))
     trainer.train()
     ckdir = trainer.save_dir
+    queue = trainer.run.async_queue
     latest = lambda: open(os.path.join(ckdir, "latest")).read()  # noqa: E731
     assert latest() == "iter_0000003", latest()
     assert is_complete(os.path.join(ckdir, "iter_0000002")) and is_complete(os.path.join(ckdir, "iter_0000003"))
@@ -50,21 +51,20 @@ def async_worker(prepare_dir: str, run_dir: str) -> None:
         return [p.detach().clone() for chunk in trainer.model for p in chunk.parameters()]
 
     def step_loss(start_iteration: int) -> float:
-        batches = trainer._next_microbatches(trainer._batches(trainer.train_ds, start_iteration))
-        return trainer.train_step(batches)["loss"]
+        return trainer.train_step(trainer.microbatches(start_iteration), start_iteration + 1)["loss"]
 
     # The same state saved synchronously (first: one save in flight at a time) and asynchronously.
     sync_dir, async_dir = os.path.join(run_dir, "sync"), os.path.join(run_dir, "async")
     save_checkpoint(trainer, 3, sync_dir, keep_last=0)
-    save_checkpoint(trainer, 3, async_dir, keep_last=0, async_queue=trainer.async_queue)
+    save_checkpoint(trainer, 3, async_dir, keep_last=0, async_queue=queue)
     step_loss(3)  # training moves on while the writers run
-    writer = trainer.async_queue.async_calls[0].async_caller.process  # megatron 0.16.1: the forked writer
+    writer = queue.async_calls[0].async_caller.process  # megatron 0.16.1: the forked writer
     if writer is not None:
         writer.join()  # this rank's shards are written; still nothing may count before finalisation
     torch.distributed.barrier()
-    assert trainer.async_queue.get_num_unfinalized_calls() == 1
+    assert queue.get_num_unfinalized_calls() == 1
     assert not is_complete(os.path.join(async_dir, "iter_0000003")) and find_latest(async_dir) is None
-    trainer.finalize_pending_saves(blocking=True)
+    queue.maybe_finalize_async_calls(blocking=True)
     assert is_complete(os.path.join(async_dir, "iter_0000003"))
     assert open(os.path.join(async_dir, "latest")).read() == "iter_0000003"
 

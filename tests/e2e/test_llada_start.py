@@ -105,8 +105,8 @@ def reference_worker(overrides_json: str, hf_dir: str, out_path: str) -> None:
     assert (o.corrector_input, o.errors_upweighted, o.weighted_corrector_loss) == ("all", True, True)
     assert (trainer.mask_id, trainer.tokenizer_vocab_size, trainer.vocab_size) == (MASK_ID, TOKENIZER_VOCAB,
                                                                                     MODEL_VOCAB)
-    noise = trainer._noise(valid=False)
-    microbatches = trainer._next_microbatches(trainer._batches(trainer.train_ds, 0))
+    noise = trainer.noise_settings(valid=False)
+    microbatches = trainer.microbatches(0)
     batches = [noise_microbatch(mb, trainer.step.schedule, noise, MASK_ID, "cpu") for mb in microbatches]
     megatron = trainer.step.run(microbatches, noise, forward_only=True)
 

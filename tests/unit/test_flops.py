@@ -19,7 +19,7 @@ from prosec_mcore.diffusion.noise import STREAM_TRAIN_MASK, STREAM_TRAIN_TIME
 from prosec_mcore.diffusion.schedules import build_schedule
 from prosec_mcore.model.builder import build_model, padded_vocab_size
 from prosec_mcore.perf.flops import ModelShape, forward_flops, gpu_family, peak_flops, throughput, training_step_flops
-from prosec_mcore.training.grads import finalize_prosec_grads
+from megatron.core.distributed import finalize_model_grads
 from prosec_mcore.training.optim import wrap_ddp
 from prosec_mcore.training.step import NoiseSettings, ProSeCoStep
 
@@ -59,7 +59,7 @@ def test_forward_flops_match_flop_counter(single_process_world, shape):
 def _step(cfg, objective):
     model = build_model(cfg, VOCAB)
     chunks = wrap_ddp([model], model.config)
-    model.config.finalize_model_grads_func = finalize_prosec_grads
+    model.config.finalize_model_grads_func = finalize_model_grads
     model.config.no_sync_func = chunks[0].no_sync
     return ProSeCoStep(chunks, model.config, objective, LossOptions(), build_schedule("loglinear"),
                        VOCAB - 1, VOCAB, SEQ, MICRO)

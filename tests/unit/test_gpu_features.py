@@ -1,8 +1,11 @@
-"""GPU-path settings that can be checked without a GPU: validation of FP8 / CUDA graphs /
-distributed optimizer, their wiring into megatron-core's configs, activation recomputation (which
-does run on CPU: same gradients, layers really re-run), the layer-backend report, the trainer's
-exit file and its throughput metrics."""
+"""GPU-path settings that can be checked without a GPU: validation of FP8 / distributed optimizer
+(and the refusal of CUDA graphs), their wiring into megatron-core's configs, activation
+recomputation (which does run on CPU: same gradients, layers really re-run), the layer-backend
+report, the trainer's exit file and its throughput metrics; and the engagement checks of the GPU
+tests (tests/gpu/engagement.py: call spies, TE census, FP8 evidence, the training worker) on
+fake Transformer Engine modules and a CPU training run."""
 import dataclasses
+import json
 import sys
 import types
 
@@ -16,6 +19,7 @@ from prosec_mcore.model.builder import build_model, transformer_config
 from prosec_mcore.perf.report import StepAccounting, startup_lines
 from prosec_mcore.training import optim
 from prosec_mcore.training.step import loss_options
+from tests.gpu import engagement
 
 
 def load_config(overrides):
@@ -35,9 +39,6 @@ def load_config(overrides):
     (["train.recompute_granularity=full", "train.recompute_method=block", "train.recompute_num_layers=9"], False,
      False, "train.recompute_num_layers=9 must lie in [1, 8]"),
     (["train.recompute_method=uniform"], False, False, "apply only to train.recompute_granularity=full"),
-    (["train.cuda_graph_impl=local"], False, False, "train.cuda_graph_impl=local needs a GPU"),
-    (["train.cuda_graph_impl=local", "train.recompute_granularity=full", "train.recompute_method=uniform",
-      "train.recompute_num_layers=1"], True, True, "choose one of the two"),
     (["parallel.use_distributed_optimizer=true"], False, False, "use_distributed_optimizer=true needs a GPU"),
     (["parallel.overlap_grad_reduce=true"], False, False, "overlap_grad_reduce=true needs a GPU"),
     (["parallel.overlap_param_gather=true", "parallel.use_distributed_optimizer=false"], True, True,
@@ -57,7 +58,7 @@ def test_gpu_settings_are_refused_with_one_line(overrides, cuda, te, message):
 
 @pytest.mark.parametrize("overrides", [
     ["train.fp8=hybrid", "train.fp8_recipe=tensorwise"], ["train.fp8=e4m3", "train.precision=bf16"],
-    ["train.cuda_graph_impl=transformer_engine", "train.recompute_granularity=selective"],
+    ["train.recompute_granularity=selective"],
     ["parallel.overlap_param_gather=true"],
     ["train.cross_entropy_loss_fusion=true"], ["train.cross_entropy_loss_fusion=true", "train.cross_entropy_fusion_impl=te"],
 ])
@@ -69,14 +70,13 @@ def test_settings_reach_megatron_transformer_config(single_process_world):
     cfg = load_config(["train.fp8=hybrid", "train.fp8_recipe=tensorwise", "train.fp8_margin=1",
                        "train.fp8_amax_history_len=16", "train.fp8_amax_compute_algo=most_recent",
                        "train.recompute_granularity=full", "train.recompute_method=block",
-                       "train.recompute_num_layers=3", "train.cuda_graph_impl=transformer_engine",
+                       "train.recompute_num_layers=3",
                        "train.cross_entropy_loss_fusion=true", "train.cross_entropy_fusion_impl=te"])
-    cfg.train.recompute_granularity = None  # (graphs + full recompute are exclusive in megatron)
-    cfg.train.recompute_method = cfg.train.recompute_num_layers = None
     tc = transformer_config(cfg)
     assert (tc.fp8, tc.fp8_recipe, tc.fp8_margin, tc.fp8_amax_history_len, tc.fp8_amax_compute_algo) == (
         "hybrid", "tensorwise", 1, 16, "most_recent")
-    assert tc.cuda_graph_impl == "transformer_engine"
+    assert (tc.recompute_granularity, tc.recompute_method, tc.recompute_num_layers) == ("full", "block", 3)
+    assert tc.cuda_graph_impl == "none"  # refused (validate_config): capture would bypass adaLN
     assert (tc.cross_entropy_loss_fusion, tc.cross_entropy_fusion_impl) == (True, "te")
     assert loss_options(cfg).cross_entropy_fusion == "te"  # what the ProSeCo losses use
     assert loss_options(load_config([])).cross_entropy_fusion == "none"
@@ -168,17 +168,16 @@ def test_trainer_metrics_carry_tflops_and_memory():
 
 
 def test_exit_file_stops_every_rank_at_the_same_iteration(single_process_world, tmp_path):
-    from prosec_mcore.training.trainer import Trainer
+    """The stop decision (training/lifecycle.py, which the Trainer asks after every iteration)."""
+    from prosec_mcore.training.lifecycle import RunLifecycle
 
-    trainer = Trainer.__new__(Trainer)  # only what _exit_reason reads
-    trainer.cfg = load_config([f"train.exit_file={tmp_path / 'STOP'}"])
-    trainer._exit_signal = None
-    trainer.step = types.SimpleNamespace(device=torch.device("cpu"))
-    assert trainer._exit_reason(3) is None
+    cfg = load_config([f"train.exit_file={tmp_path / 'STOP'}", f"run_dir={tmp_path / 'run'}"])
+    run = RunLifecycle(cfg, torch.device("cpu"), is_logger=False)
+    assert run.exit_reason(3) is None
     (tmp_path / "STOP").touch()
-    assert trainer._exit_reason(4) == f"train.exit_file {tmp_path / 'STOP'} exists"
-    trainer._exit_signal = "SIGTERM"
-    assert trainer._exit_reason(5) == "SIGTERM"
+    assert run.exit_reason(4) == f"train.exit_file {tmp_path / 'STOP'} exists"
+    run.signals.requested = "SIGTERM"
+    assert run.exit_reason(5) == "SIGTERM"
 
 
 def test_fp8_without_usable_te_layers_is_refused_at_build(single_process_world):
@@ -186,3 +185,212 @@ def test_fp8_without_usable_te_layers_is_refused_at_build(single_process_world):
     cfg = load_config(["train.fp8=hybrid"])
     with pytest.raises(ConfigError, match="train.fp8=hybrid needs the Transformer Engine layers"):
         build_model(cfg, 300)
+
+
+@pytest.mark.parametrize("impl", ["local", "transformer_engine"])
+def test_cuda_graphs_are_refused_because_capture_would_drop_adaln(impl):
+    """megatron-core's capture replays TransformerLayer.forward, bypassing AdaLNTransformerLayer's
+    modulation: the time conditioning would be dropped silently, so any value but none is refused."""
+    with pytest.raises(ConfigError) as err:
+        validate_config(load_config([f"train.cuda_graph_impl={impl}"]), world_size=1, cuda_available=True,
+                        te_available=True)
+    assert "adaLN" in str(err.value) and "\n" not in str(err.value)
+    validate_config(load_config(["train.cuda_graph_impl=none"]), world_size=1, cuda_available=True, te_available=True)
+
+
+# ---------------------------------------------------------------- engagement checks of tests/gpu
+
+def _tiny_local_model(num_layers=2):
+    cfg = Config()
+    cfg.model = dataclasses.replace(cfg.model, num_layers=num_layers)
+    return build_model(cfg, 300, backend="local")
+
+
+def test_call_spy_counts_the_kernels_the_loss_dispatch_calls(single_process_world, monkeypatch):
+    """The spies sit where losses.cross_entropy looks the kernels up: one call of each path
+    counts once, on that path only; restore() puts the original functions back."""
+    import torch._dynamo
+
+    from prosec_mcore.diffusion import losses
+
+    monkeypatch.setattr(torch._dynamo.config, "disable", True)  # the native kernel eagerly (compile: 1 min)
+    originals = {impl: getattr(__import__(m, fromlist=[n]), n) for impl, (m, n) in engagement.CROSS_ENTROPY_KERNELS.items()
+                 if impl in ("none", "native")}
+    plain_in_losses = losses.vocab_parallel_cross_entropy
+    spies = engagement.cross_entropy_spies()
+    try:
+        assert set(spies) >= {"none", "native"}
+        logits = torch.randn(2, 5, 64).to(torch.bfloat16)
+        target = torch.randint(0, 64, (2, 5))
+        fused = losses.cross_entropy(logits, target, "native")
+        assert {k: s.calls for k, s in spies.items()} == {**{k: 0 for k in spies}, "native": 1}
+        plain = losses.cross_entropy(logits, target, "none")
+        assert {k: s.calls for k, s in spies.items()} == {**{k: 0 for k in spies}, "native": 1, "none": 1}
+        torch.testing.assert_close(fused, plain)  # the wrapper passes arguments and result through
+    finally:
+        for spy in spies.values():
+            spy.restore()
+    assert losses.vocab_parallel_cross_entropy is plain_in_losses
+    for impl, fn in originals.items():
+        module, name = engagement.CROSS_ENTROPY_KERNELS[impl]
+        assert getattr(__import__(module, fromlist=[name]), name) is fn
+
+
+def test_call_spy_follows_copies_and_refuses_a_missing_function():
+    source, user = types.ModuleType("fake_source"), types.ModuleType("fake_user")
+    source.kernel = lambda x: x + 1
+    user.kernel_alias = source.kernel  # `from fake_source import kernel as kernel_alias`
+    spy = engagement.CallSpy(source, "kernel", also_in=[user])
+    assert source.kernel(1) == 2 and user.kernel_alias(2) == 3 and spy.calls == 2
+    spy.restore()
+    assert source.kernel is spy.original and user.kernel_alias is spy.original
+    source.absent = None  # megatron-core without TE: te_parallel_cross_entropy = None
+    with pytest.raises(RuntimeError, match="no function to spy on"):
+        engagement.CallSpy(source, "absent")
+
+
+def _pretend_te(model, suffixes):
+    """Give the named submodules of a real model a class that looks like Transformer Engine's."""
+    for name, module in model.named_modules():
+        if any(name.endswith("." + s) for s in suffixes):
+            module.__class__ = engagement.fake_te_class(type(module).__name__, type(module))
+
+
+def test_te_layer_check_needs_every_layer_submodule_from_transformer_engine(single_process_world):
+    model = _tiny_local_model()
+    assert engagement.te_census(model) == {}
+    with pytest.raises(AssertionError, match="not Transformer Engine's"):
+        engagement.assert_te_layers(model)
+    _pretend_te(model, engagement.TE_LINEARS)  # the attention is still the local SDPA
+    with pytest.raises(AssertionError, match="core_attention"):
+        engagement.assert_te_layers(model)
+    _pretend_te(model, engagement.TE_ATTENTION)
+    assert engagement.assert_te_layers(model, num_layers=2).startswith("10 TE modules")
+    assert len(engagement.te_census(model)) == 10
+    with pytest.raises(AssertionError, match="counts off"):
+        engagement.assert_te_layers(model, num_layers=3)
+
+
+class DelayedScaling:  # the names and methods of TE 2.x's recipes
+    @classmethod
+    def delayed(cls):
+        return True
+
+    @classmethod
+    def float8_current_scaling(cls):
+        return False
+
+
+class Float8CurrentScaling(DelayedScaling):
+    @classmethod
+    def delayed(cls):
+        return False
+
+    @classmethod
+    def float8_current_scaling(cls):
+        return True
+
+
+class TEDelayedScaling:  # a recipe without the methods (TE 1.x): recognised by its name
+    pass
+
+
+class Float8CurrentScalingQuantizer:
+    pass
+
+
+def _fake_fp8_state(model, recipe, amax=0.0, fp8=True):
+    """TE's per-module FP8 state on the layers' linears of a real (local) model."""
+    for module in engagement._layer_submodules(model, engagement.TE_LINEARS).values():
+        meta = {"recipe": recipe, "fp8_checkpoint": fp8}
+        if isinstance(recipe, (DelayedScaling, TEDelayedScaling)) and not isinstance(recipe, Float8CurrentScaling):
+            meta["scaling_fwd"] = types.SimpleNamespace(amax_history=torch.full((16, 3), amax), scale=torch.ones(3))
+            meta["scaling_bwd"] = types.SimpleNamespace(amax_history=torch.full((16, 2), amax), scale=torch.ones(2))
+            quantizers = {"scaling_fwd": [object()] * 3, "scaling_bwd": [object()] * 2}
+        else:
+            meta["scaling_fwd"] = types.SimpleNamespace()
+            quantizers = {"scaling_fwd": [Float8CurrentScalingQuantizer() for _ in range(3)], "scaling_bwd": []}
+        module.__dict__.update(fp8_meta=meta, fp8=fp8, quantizers=quantizers)
+
+
+def _forward(model):
+    model(torch.randint(0, 299, (2, 16)), torch.rand(2)).float().sum().backward()
+
+
+def test_fp8_check_fails_unless_the_linears_show_fp8_activity(single_process_world):
+    model = _tiny_local_model()
+    with pytest.raises(AssertionError, match="no Transformer Engine linear with FP8 state"):
+        engagement.assert_fp8_engaged(model, "delayed")
+
+    _fake_fp8_state(model, DelayedScaling(), amax=0.0)  # FP8 state allocated, never used
+    recorder = engagement.FP8Recorder([model])
+    _forward(model)
+    with pytest.raises(AssertionError, match="amax_history is all zero"):
+        engagement.assert_fp8_engaged(model, "delayed", recorder)
+    _fake_fp8_state(model, DelayedScaling(), amax=3.5)
+    assert engagement.assert_fp8_engaged(model, "delayed", recorder) == \
+        "8 TE linears ran FP8 (delayed), 8 FP8 forwards in all"
+    with pytest.raises(AssertionError, match="fp8_meta\\['recipe'\\] is 'delayed', not 'tensorwise'"):
+        engagement.assert_fp8_engaged(model, "tensorwise", recorder)
+    _fake_fp8_state(model, TEDelayedScaling(), amax=3.5)
+    assert engagement.assert_fp8_engaged(model, "delayed")
+
+    _fake_fp8_state(model, DelayedScaling(), amax=3.5, fp8=False)  # the last forwards ran without FP8
+    _forward(model)
+    with pytest.raises(AssertionError, match="1 of 2 training forwards ran with FP8 on"):
+        engagement.assert_fp8_engaged(model, "delayed", recorder)
+    recorder.remove()
+    _forward(model)
+    assert all(c == {"forwards": 2, "fp8_forwards": 1} for c in recorder.counts.values())
+
+    _fake_fp8_state(model, None)  # TE never initialised FP8 in these modules
+    with pytest.raises(AssertionError, match="never initialised FP8"):
+        engagement.assert_fp8_engaged(model, "delayed")
+
+    _fake_fp8_state(model, Float8CurrentScaling())
+    assert engagement.assert_fp8_engaged(model, "tensorwise").startswith("8 TE linears ran FP8 (tensorwise)")
+    for module in engagement.fp8_linears(model).values():
+        module.quantizers["scaling_fwd"] = [object()]
+    with pytest.raises(AssertionError, match="expected Float8CurrentScalingQuantizer"):
+        engagement.assert_fp8_engaged(model, "tensorwise")
+    evidence = engagement.fp8_evidence(model)
+    assert json.loads(json.dumps(evidence)) == evidence  # what the worker writes
+
+
+def test_fp8_logit_effect_switches_fp8_off_and_back(single_process_world):
+    """On CPU megatron-core has no FP8 context: train.fp8 set on the config changes nothing, which
+    is exactly what the check must call a failure."""
+    model = _tiny_local_model()
+    model.config.fp8 = "hybrid"
+    effect = engagement.fp8_logit_effect(model, vocab=300, seq=16)
+    assert effect == {"fp8": "hybrid", "configured_vs_off": 0.0, "off_repeat": 0.0}
+    assert model.config.fp8 == "hybrid" and model.training
+    with pytest.raises(AssertionError, match="FP8 did not change the logits"):
+        engagement.check_fp8_logit_effect(effect)
+    assert "3.00e-03" in engagement.check_fp8_logit_effect({"fp8": "hybrid", "configured_vs_off": 3e-3, "off_repeat": 0.0})
+    for bad in (0.5, float("nan")):
+        with pytest.raises(AssertionError):
+            engagement.check_fp8_logit_effect({"fp8": "hybrid", "configured_vs_off": bad, "off_repeat": 0.0})
+    with pytest.raises(AssertionError, match="did not change"):  # below the forward's own noise
+        engagement.check_fp8_logit_effect({"fp8": "hybrid", "configured_vs_off": 1e-4, "off_repeat": 5e-5})
+
+
+def test_probe_worker_trains_and_reports_on_cpu(shakespeare_corpus, tmp_path):
+    """The worker the GPU tests start (tests/distributed/launch.py, a fresh process), on a 2-iteration
+    CPU run: the plain cross-entropy is counted, no fused kernel, no TE module, no FP8 state."""
+    from tests.cli import read_metrics
+    from tests.distributed.launch import run_distributed
+
+    overrides = shakespeare_corpus + [
+        "model=tiny", "model.num_layers=2", "data.seq_length=32", "train.iters=2", "train.global_batch_size=4",
+        "train.micro_batch_size=4", "train.eval_interval=0", "train.log_interval=1", f"run_dir={tmp_path / 'run'}"]
+    out = run_distributed(engagement.__name__ + ":train_and_probe", nproc=None,
+                          args=[json.dumps(overrides), str(tmp_path / "evidence.json")], timeout=300)
+    evidence = engagement.read_evidence(tmp_path / "evidence.json")
+    assert "[probe]" in out and evidence["backend"] == "local"
+    calls = evidence["cross_entropy_calls"]
+    assert calls["none"] > 0 and calls["native"] == 0, calls  # both ProSeCo losses of each micro-batch
+    assert evidence["te_census"] == {} and evidence["te_layers"] is None and "not Transformer Engine" in \
+        evidence["te_layers_error"]
+    assert evidence["fp8"] == {"linears": {}} and "fp8_logit_effect" not in evidence
+    assert [r["iteration"] for r in read_metrics(tmp_path / "run")] == [1, 2]

@@ -16,7 +16,7 @@ from prosec_mcore.diffusion.losses import LossOptions
 from prosec_mcore.diffusion.noise import STREAM_TRAIN_MASK, STREAM_TRAIN_TIME
 from prosec_mcore.diffusion.schedules import build_schedule
 from prosec_mcore.model.builder import build_model
-from prosec_mcore.training.grads import finalize_prosec_grads
+from megatron.core.distributed import finalize_model_grads
 from prosec_mcore.training.optim import wrap_ddp
 from prosec_mcore.training.step import NoiseSettings, ProSeCoStep, noise_microbatch
 
@@ -53,7 +53,7 @@ def make_step(objective="proseco", opts=None, style="dit", time_conditioning="ad
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * (0.08 if p.dim() > 1 else 0.1) + (1.0 if p.dim() == 1 and p.shape[0] == cfg.model.hidden_size else 0.0))
     chunks = wrap_ddp([model], model.config)
-    model.config.finalize_model_grads_func = finalize_prosec_grads
+    model.config.finalize_model_grads_func = finalize_model_grads
     model.config.no_sync_func = chunks[0].no_sync
     step = ProSeCoStep(chunks, model.config, objective, opts or LossOptions(), build_schedule(schedule), MASK_ID, VOCAB, SEQ, MICRO)
     noise = NoiseSettings(seed=5, eps=1e-3, antithetic=True, global_batch_size=MICRO * NUM_MICRO,
