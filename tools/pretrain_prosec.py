@@ -12,6 +12,7 @@ train.exit_file); 2 bad input (configuration, data, checkpoint), found before tr
 one line on stderr that says what happened and what to do.
 """
 import argparse
+import gc
 import os
 import sys
 
@@ -65,6 +66,10 @@ def main(argv=None) -> int:
     except RunError as err:  # the run had to stop: unhealthy training, a failed save
         _report(err, every_rank_alike=getattr(err, "collective", True))
         return err.exit_code
+    finally:
+        # The interpreter's final garbage collections walk every object of the run (seconds under
+        # load, measured 2.6 s of a SIGTERM exit on one rank); nothing is left to collect that matters.
+        gc.freeze()
     return 0
 
 

@@ -65,7 +65,8 @@ PREPARE_HINT = "Create them with `python tools/prepare_data.py` (or tools/prepro
 RECREATE_HINT = "re-copy it or re-create it with tools/preprocess_data.py (or tools/prepare_data.py)"
 _IDX_MAGIC = b"MMIDIDX\x00\x00"  # megatron.core.datasets.indexed_dataset._INDEX_HEADER
 _IDX_HEADER_BYTES = 34  # magic (9) + version (8) + dtype code (1) + sequence count (8) + document count (8)
-_VALID_FIX = "give the validation split documents, e.g. data.split=90,10,0, or set train.eval_interval=0"
+# Hydra reads an unquoted comma list as a sweep: the override needs quotes the shell leaves alone.
+_VALID_FIX = "give the validation split documents, e.g. \"data.split='90,10,0'\", or set train.eval_interval=0"
 
 
 def _max_token_id(bin_path: str, dtype, cache_dir: str) -> int:
@@ -295,7 +296,7 @@ def _split_error(name: str, data_prefix: str, split: str, seq_length: int, reque
                 f"data.seq_length={seq_length}")
     if name == "train":
         return (f"{what}; give training more documents (the first share of data.split, "
-                f"e.g. data.split=90,10,0), use more data or a shorter data.seq_length")
+                f"e.g. \"data.split='90,10,0'\"), use more data or a shorter data.seq_length")
     fix = _VALID_FIX if n_split_docs == 0 else (
         "give the validation split more documents (a larger second share of data.split, "
         "e.g. data.split=80,20,0, or more data), use a shorter data.seq_length, or set "

@@ -5,7 +5,8 @@ export: a dist checkpoint saved at any TP/PP/DP layout is loaded into one TP=1 P
         `AutoModelForMaskedLM.from_pretrained(path, trust_remote_code=True)` loads:
         config.json, model.safetensors, configuration_/modeling_proseco.py, tokenizer files.
 import: a Hugging Face folder becomes a model-only dist checkpoint (iteration 0) that a
-        training run continues from with `checkpoint.load=<dir>` (fresh optimizer, iteration 0).
+        training run starts from with `checkpoint.pretrained=<dir>` (fresh optimizer, iteration 0;
+        a requeued run then resumes from its own checkpoints).
         When the folder holds tokenizer.json, the printed overrides point training at it and name
         its special tokens by the ids of config.json (mask_token_id, eos_token_id, pad_token_id):
         LLaDA-8B's mask is "<|mdm_mask|>" (126336), in the middle of its vocabulary, and its 126464
@@ -25,7 +26,8 @@ from megatron.core import dist_checkpointing
 from ..config import Config
 from ..config_loader import config_to_dict, load_config
 from ..model.builder import build_model, padded_vocab_size
-from ..training.checkpoint import checkpoint_name, layout, load_model_for_inference, mark_complete
+from ..training.checkpoint import checkpoint_name, is_complete, layout, load_model_for_inference, mark_complete
+from ..training.save_processes import saving
 from . import dit_bridge, llada_bridge
 
 HF_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -100,11 +102,15 @@ def import_from_hf(hf_dir: str, save_dir: str) -> dict:
         raise ValueError(f"weights do not fit the model: missing {missing}, unexpected {result.unexpected_keys}")
 
     path = os.path.join(save_dir, checkpoint_name(0))
-    if os.path.exists(path):
+    if is_complete(path):  # never overwrite a checkpoint that counts
+        raise ValueError(f"{path} already holds a complete checkpoint; import into another --out directory")
+    if os.path.exists(path):  # an interrupted earlier import
         shutil.rmtree(path)
     os.makedirs(path)
-    dist_checkpointing.save({"model": model.sharded_state_dict(), "iteration": 0, "config": config_to_dict(cfg),
-                             "vocab_size": vocab, "layout": layout(), "model_only": True, **tokenizer_record}, path)
+    with saving():  # the writer processes die with this process
+        dist_checkpointing.save({"model": model.sharded_state_dict(), "iteration": 0,
+                                 "config": config_to_dict(cfg), "vocab_size": vocab, "layout": layout(),
+                                 "model_only": True, **tokenizer_record}, path)
     mark_complete(save_dir, 0, {"layout": layout(), "imported_from": os.path.abspath(hf_dir)})
     return {"checkpoint": path, "overrides": overrides + tokenizer_overrides}
 

@@ -55,6 +55,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
 from ..config import ConfigError
+from .save_processes import saving
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -267,7 +268,7 @@ def save_checkpoint(trainer, iteration: int, save_dir: str, keep_last: int, asyn
             on_complete(path)
 
     try:
-        with _injected_write_failure(iteration):
+        with saving(), _injected_write_fault(iteration):  # save_processes.py: the writers die with the rank
             if async_queue is None:
                 dist_checkpointing.save(state, path)
                 finalize()
@@ -392,20 +393,25 @@ def _fault_injection(point: str, iteration: int) -> None:
 
 
 @contextlib.contextmanager
-def _injected_write_failure(iteration: int):
-    """`write`: megatron's shard writer processes fail with ENOSPC, as on a full disk; the failure
-    then travels megatron's real error path (worker -> results queue -> every rank)."""
-    if not _fault_spec("write", iteration):
+def _injected_write_fault(iteration: int):
+    """In megatron's shard writer processes: `write` fails with ENOSPC, as on a full disk (the
+    failure then travels megatron's real error path: worker -> results -> every rank);
+    `slow_write` makes each write take 30 s, so that a test can kill a rank in the middle."""
+    failing, slow = _fault_spec("write", iteration), _fault_spec("slow_write", iteration)
+    if not (failing or slow):
         yield
         return
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     real = filesystem_async._write_item
 
-    def disk_full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device (injected)")
+    def faulty(*args, **kwargs):
+        if failing:
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        time.sleep(30)
+        return real(*args, **kwargs)
 
-    filesystem_async._write_item = disk_full
+    filesystem_async._write_item = faulty
     try:
         yield
     finally:

@@ -120,6 +120,10 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, shakespeare_corp
 @pytest.mark.parametrize("override,message", [
     ("model.num_layers=4", "has model.num_layers=8 but this run has 4"),
     ("model.hidden_size=32", "has model.hidden_size=64 but this run has 32"),
+    # settings that change what the weights compute without changing any tensor's shape
+    ("model.rotary_base=500000", "has model.rotary_base=10000 but this run has 500000"),
+    ("model.zero_timestep=true", "has model.zero_timestep=False but this run has True"),
+    ("model.layernorm_epsilon=1e-6", "has model.layernorm_epsilon=1e-05 but this run has 1e-06"),
 ])
 def test_incompatible_checkpoint_is_refused_naming_the_mismatch(proseco_run, tmp_path, shakespeare_corpus,
                                                                 override, message):

@@ -204,6 +204,32 @@ def test_real_full_disk_during_a_save(reference, tmp_path, shakespeare_corpus, s
     assert_continues_like(ref, tmp_path, range(1, 7))
 
 
+# ---------------------------------------------------------------------------- a rank killed during a save
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_kill_during_a_save_leaves_no_process_behind(reference, tmp_path, shakespeare_corpus, mode):
+    """kill -9 while megatron's writer processes write iteration 4 (each write made to take 30 s):
+    every process of the job is gone at once, the lock is free, and the rerun continues from 2."""
+    import psutil
+
+    _, ref = reference
+    run_dir = tmp_path / "run"
+    args = settings(shakespeare_corpus, run_dir, 6, f"checkpoint.async_save={mode == 'async'}")
+    job = Training(args, tmp_path, env={"PROSEC_FAULT_INJECTION": "slow_write:4"})
+    deadline, writers = time.time() + 120, []
+    while time.time() < deadline and len(writers) < 2:  # the shard writers of iteration 4 are at work
+        if (run_dir / "checkpoints" / "iter_0000004").is_dir():
+            writers = psutil.Process(job.proc.pid).children(recursive=True)
+        time.sleep(0.1)
+    assert len(writers) >= 2, "the save did not start its writer processes"
+    job.proc.kill()
+    job.wait(timeout=30)
+    gone, alive = psutil.wait_procs(writers, timeout=5)
+    assert not alive, f"left behind: {[' '.join(p.cmdline()) for p in alive]}"
+    assert (run_dir / "checkpoints" / "latest").read_text() == "iter_0000002"
+    ok(pretrain(args))  # the dead job's lock does not block, and the run continues
+    assert_continues_like(ref, run_dir, range(1, 7))
+
+
 # ---------------------------------------------------------------------------- schedule changes on resume
 def test_changed_schedule_on_resume_is_refused_or_applied_as_asked(reference, tmp_path, shakespeare_corpus):
     ref_dir, ref = reference

@@ -1,5 +1,6 @@
 """End to end: `tools/pretrain_prosec.py` as a user runs it, on the bundled Shakespeare corpus."""
 import os
+import shutil
 
 import pytest
 
@@ -52,6 +53,8 @@ def test_mdlm_objective_runs_one_pass(shakespeare_corpus, tmp_path):
     (["train.itres=5"], "unknown key 'train.itres' (did you mean train.iters?)"),
     (["--tp", "3"], "is not divisible by tp=3"),
     (["data.seq_length=512"], "exceeds the model's maximum"),
+    (["data.split='100,0,0'"], "gives the validation split of"),
+    (["train.lr=nan"], "train.lr=nan is not a finite number"),
 ])
 def test_bad_input_fails_before_work_with_one_clear_line(shakespeare_corpus, tmp_path, args, message):
     result = pretrain(shakespeare_corpus + [f"run_dir={tmp_path}", *args], timeout=120)
@@ -95,3 +98,16 @@ def test_sdpa_and_unfused_attention_train_alike(shakespeare_corpus, tmp_path):
     gap = loss_gap(runs["sdpa"], runs["unfused"], last=6)
     assert gap < 1e-5, gap
     assert metrics(runs["sdpa"])[-1]["loss"] < metrics(runs["sdpa"])[0]["loss"]
+
+
+def test_truncated_data_is_refused_before_work(shakespeare_corpus, tmp_path):
+    """A .bin cut short (an interrupted copy) is named at start-up, not at the first batch."""
+    source = shakespeare_corpus[0].split("=", 1)[1]
+    data = tmp_path / "data"
+    shutil.copytree(source, data)
+    binary = data / "shakespeare_text_document.bin"
+    binary.write_bytes(binary.read_bytes()[: binary.stat().st_size // 2])
+    result = pretrain([f"data.prepare_dir={data}", f"run_dir={tmp_path / 'run'}"], timeout=120)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"{binary} holds" in errors[0] and "truncated" in errors[0], result.stderr[-2000:]

@@ -50,3 +50,38 @@ def test_unknown_keys_and_bad_values_are_refused(override):
         load_config([override])
     assert str(err.value).startswith("invalid configuration:")
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.lr=nan"], "train.lr=nan is not a finite number"),
+    (["objective.lambda_sc=inf"], "objective.lambda_sc=inf is not a finite number"),
+    (["health.spike_factor=-1"], "health.spike_factor=-1.0 is out of range: it must lie in [0, inf)"),
+    (["train.adam_beta2=1.0"], "train.adam_beta2=1.0 is out of range: it must lie in [0, 1)"),
+    (["train.eval_iters=0"], "train.eval_iters=0 is out of range"),
+    (["model.hidden_dropout=1.0"], "model.hidden_dropout=1.0 is out of range"),
+    (["train.lr=1e-5"], "train.min_lr=0.0001 is above train.lr=1e-05"),
+    (["train.cuda_graph_impl=local"], "bypasses the adaLN modulation"),
+])
+def test_every_number_is_checked_by_name(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        validate_config(load_config(overrides), world_size=1, cuda_available=True, te_available=True)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_file_given_as_run_dir_is_refused(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a directory"):
+        validate_config(load_config([f"run_dir={tmp_path / 'afile'}"]), world_size=1, cuda_available=False)
+
+
+def test_flags_and_overrides_mix_in_any_order():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "pretrain_prosec.py")
+    spec = importlib.util.spec_from_file_location("pretrain_prosec_tool", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.parse_args(["model=tiny", "--tp", "2", "train.iters=3", "--pp", "2", "--sp", "objective=mdlm"]) == [
+        "model=tiny", "train.iters=3", "objective=mdlm", "parallel.tp=2", "parallel.pp=2",
+        "parallel.sequence_parallel=true"]

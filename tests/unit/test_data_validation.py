@@ -140,7 +140,7 @@ def test_validation_split_without_documents(corpus, copy):
     tok = corpus[0]
     message = refused(copy, tok, split="100,0,0", num_samples=(64, 8, 0))
     assert message.startswith(f"data.split=100,0,0 gives the validation split of {copy} no documents")
-    assert "data.split=90,10,0" in message and "train.eval_interval=0" in message
+    assert "\"data.split='90,10,0'\"" in message and "train.eval_interval=0" in message
     # too few documents to round to one: 60 * 0.5% = 0.3 documents
     message = refused(copy, tok, split="99.5,0.5,0", num_samples=(64, 8, 0))
     assert "data.split=99.5,0.5,0 gives the validation split" in message and "no documents (of 60)" in message

@@ -17,8 +17,10 @@ from prosec_mcore.config import Config, ConfigError, validate_config
 from prosec_mcore.model import layer_specs
 from prosec_mcore.model.builder import build_model, transformer_config
 from prosec_mcore.perf.report import StepAccounting, startup_lines
+from prosec_mcore.runtime.init import init_weights_layout_independent
 from prosec_mcore.training import optim
 from prosec_mcore.training.step import loss_options
+from tests.compare import set_generic_point
 from tests.gpu import engagement
 
 
@@ -102,10 +104,11 @@ def _grads_and_calls(style, time_conditioning, **train):
     cfg.model = dataclasses.replace(cfg.model, style=style, time_conditioning=time_conditioning, num_layers=2)
     cfg.train = dataclasses.replace(cfg.train, **train)
     model = build_model(cfg, 300)
+    # Both calls must start from the same weights: megatron's own init draws from the global RNG
+    # (advanced by the first build), and the generic point perturbs the current values.
+    init_weights_layout_independent([model], seed=1)
+    set_generic_point(model)
     gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
     calls = {"layer": 0, "core_attention": 0}
     model.decoder.layers[0].register_forward_hook(lambda *a: calls.__setitem__("layer", calls["layer"] + 1))
     model.decoder.layers[0].self_attention.core_attention.register_forward_hook(

@@ -14,6 +14,7 @@ from prosec_mcore.hf import dit_bridge
 from prosec_mcore.hf.dit.configuration_proseco import ProsecoConfig
 from prosec_mcore.hf.dit.modeling_proseco import Proseco
 from prosec_mcore.model.builder import build_model, padded_vocab_size
+from tests.compare import set_generic_point
 
 TEXT = "Now is the winter of our discontent made glorious summer by this sun of York"
 CHARS = sorted(set(TEXT))
@@ -30,10 +31,7 @@ def megatron_model(zero_timestep=False):
     cfg.model = dataclasses.replace(cfg.model, num_layers=2, hidden_size=32, num_attention_heads=4,
                                     ffn_hidden_size=128, time_embedding_dim=16, zero_timestep=zero_timestep)
     model = build_model(cfg, VOCAB)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2 + (1.0 if p.dim() == 1 and p.shape[0] == 32 else 0.0))
+    set_generic_point(model)
     return cfg, model.eval()
 
 
@@ -62,9 +60,7 @@ def test_import_logits_match_and_round_trip_is_exact(single_process_world):
                            time_conditioning=True)
     torch.manual_seed(3)
     hf = Proseco(hf_cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
+    set_generic_point(hf, seed=1)
     hf_state = hf.state_dict()
     state = dit_bridge.hf_to_megatron(hf_state, cfg.model, padded_vocab_size(VOCAB))
     missing, unexpected = model.load_state_dict(state, strict=False)

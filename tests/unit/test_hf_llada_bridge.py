@@ -9,6 +9,7 @@ from prosec_mcore.hf import llada_bridge
 from prosec_mcore.hf.llada.configuration_llada import LLaDAConfig
 from prosec_mcore.hf.llada.modeling_llada import LLaDAModelLM
 from prosec_mcore.model.builder import build_model, padded_vocab_size
+from tests.compare import set_generic_point
 
 TEXT = "To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer"
 CHARS = sorted(set(TEXT))
@@ -26,10 +27,7 @@ def megatron_model():
                                     num_attention_heads=4, num_query_groups=2, ffn_hidden_size=48,
                                     rotary_base=500000)
     model = build_model(cfg, VOCAB)
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2 + (1.0 if p.dim() == 1 else 0.0))
+    set_generic_point(model)
     return cfg, model.eval()
 
 
@@ -58,9 +56,7 @@ def test_import_logits_match_and_round_trip_is_exact(single_process_world):
     cfg, model = megatron_model()
     torch.manual_seed(4)
     hf = hf_model(cfg)
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
+    set_generic_point(hf, seed=1)
     hf_state = hf.state_dict()
     result = model.load_state_dict(llada_bridge.hf_to_megatron(hf_state, cfg.model, padded_vocab_size(VOCAB)),
                                    strict=False)
