@@ -11,11 +11,18 @@ model.time_conditioning=adaln, ffn = 4 x hidden) and the Llama-style LLaDA (mode
 model.time_conditioning=none). README: "Starting from LLaDA weights".
 """
 import argparse
-import os
 import shlex
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from prosec_mcore.cli_errors import (
+    UserInputError,
+    check_checkpoint,
+    check_hf_folder,
+    exits_on_user_error,
+    reading_checkpoint,
+    user_input_errors,
+    writable_dir,
+)
 
 
 def shell_word(word: str) -> str:
@@ -26,6 +33,7 @@ def shell_word(word: str) -> str:
     return f'"{word}"'
 
 
+@exits_on_user_error
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -34,31 +42,53 @@ def main(argv=None) -> int:
     exp.add_argument("--out", required=True)
     imp = sub.add_parser("import", help="Hugging Face folder -> model-only dist checkpoint")
     imp.add_argument("--hf", required=True)
-    imp.add_argument("--out", required=True, help="save dir to create (then train with checkpoint.load=...)")
+    imp.add_argument("--out", required=True, help="save dir to create (then train with checkpoint.pretrained=...)")
     args = parser.parse_args(argv)
 
     import prosec_mcore
 
     prosec_mcore.quiet_known_warnings()
-    from prosec_mcore.hf.convert import export_to_hf, import_from_hf
+    # a ValueError of the conversion is about the input (an unsupported model_type, weights that
+    # do not fit the model, a run tokenizer that does not load)
+    with user_input_errors(ValueError):
+        if args.command == "export":
+            export(args.checkpoint, args.out)
+        else:
+            import_(args.hf, args.out)
+    return 0
+
+
+def export(checkpoint: str, out: str) -> None:
+    writable_dir(out, "--out")
+    path = check_checkpoint(checkpoint)  # a missing or damaged file: one line naming it
+    from prosec_mcore.hf.convert import export_to_hf
+
+    with reading_checkpoint(path):
+        info = export_to_hf(path, out)
+    print(f"[prosec] exported {info['checkpoint']} (iteration {info['iteration']}, {info['tensors']} tensors) "
+          f"to {info['out_dir']}")
+    if info["tokenizer"] is None:
+        print("[prosec] warning: the run's tokenizer was not found; add its files to the folder yourself")
+    print(f"[prosec] load it with AutoModelForMaskedLM.from_pretrained('{info['out_dir']}', trust_remote_code=True)")
+
+
+def import_(hf_dir: str, out: str) -> None:
+    check_hf_folder(hf_dir)  # config.json and weights present and readable
+    writable_dir(out, "--out")
+    from prosec_mcore.hf.convert import import_from_hf
 
     try:
-        if args.command == "export":
-            info = export_to_hf(args.checkpoint, args.out)
-            print(f"[prosec] exported {info['checkpoint']} (iteration {info['iteration']}, {info['tensors']} tensors) "
-                  f"to {info['out_dir']}")
-            if info["tokenizer"] is None:
-                print("[prosec] warning: the run's tokenizer was not found; add its files to the folder yourself")
-            print(f"[prosec] load it with AutoModelForMaskedLM.from_pretrained('{info['out_dir']}', trust_remote_code=True)")
-        else:
-            info = import_from_hf(args.hf, args.out)
-            print(f"[prosec] imported {args.hf} into {info['checkpoint']}")
-            words = [f"checkpoint.load={info['checkpoint']}"] + info["overrides"]
-            print(f"[prosec] train from it with: {' '.join(map(shell_word, words))}")
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        info = import_from_hf(hf_dir, out)
+    except ValueError as err:  # e.g. an unsupported model_type: say which folder
+        raise UserInputError(f"{hf_dir}: {err}") from None
+    except KeyError as err:  # the bridges index config.json and the weights by name
+        what = err.args[0] if err.args else ""
+        raise UserInputError(f"{hf_dir}: {what}" if " " in str(what) else
+                             f"{hf_dir}/config.json has no {what!r} entry; is it a supported model?") from None
+    print(f"[prosec] imported {hf_dir} into {info['checkpoint']}")
+    # initial weights, not a resume point: a requeued run continues from its own checkpoints
+    words = [f"checkpoint.pretrained={info['checkpoint']}"] + info["overrides"]
+    print(f"[prosec] train from it with: {' '.join(map(shell_word, words))}")
 
 
 if __name__ == "__main__":  # required: dist_checkpointing's writer re-imports the main module

@@ -16,34 +16,42 @@ import json
 import math
 import os
 import sys
-import tempfile
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def evaluate_nelbo(args) -> dict:
-    """The trainer's own validation pass (same noise, same losses) on a loaded checkpoint."""
-    from megatron.core import dist_checkpointing
+    """The trainer's own validation (same batches, same noise, same losses) on a loaded checkpoint."""
+    from prosec_mcore.cli_errors import check_checkpoint, reading_checkpoint
+    from prosec_mcore.evaluation.likelihood import evaluate_checkpoint
 
-    from prosec_mcore.config_loader import config_from_dict
-    from prosec_mcore.training.checkpoint import resolve_checkpoint
-    from prosec_mcore.training.trainer import Trainer
+    path = check_checkpoint(args.checkpoint)
+    with reading_checkpoint(path):
+        return evaluate_checkpoint(path, tp=args.tp, eval_iters=args.eval_iters)
 
-    path = resolve_checkpoint(args.checkpoint)
-    cfg = config_from_dict(dist_checkpointing.load_common_state_dict(path)["config"])
-    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, cfg.parallel.sequence_parallel = args.tp, 1, None, False
-    cfg.checkpoint.load, cfg.checkpoint.save_interval, cfg.checkpoint.save_on_exit_signal = path, 0, False
-    cfg.train.eval_iters = args.eval_iters
-    cfg.logging.tensorboard, cfg.logging.wandb = False, False
-    cfg.run_dir = tempfile.mkdtemp(prefix="prosec_eval_")
-    trainer = Trainer(cfg)
-    metrics = trainer.validate()
-    metrics.update(checkpoint=path, iteration=trainer.start_iteration, eval_iters=args.eval_iters,
-                   eval_tokens=args.eval_iters * cfg.train.global_batch_size * cfg.data.seq_length)
-    return metrics
+
+SAMPLES_HINT = "tools/generate_prosec.py writes one JSON object with 'tokens' per line"
+
+
+def read_samples(path: str) -> tuple[list, dict]:
+    """The token lists of a sample file and its summary (generate_prosec.py's <file>.summary.json,
+    if present). Whatever is wrong with the file is a UserInputError naming it and the line: an
+    empty file is one too, since metrics of no samples would be NaN and look like a result."""
+    from prosec_mcore.cli_errors import UserInputError, iter_jsonl, read_json
+
+    samples = []
+    for lineno, record in iter_jsonl(path, key="tokens", hint=SAMPLES_HINT):
+        tokens = record["tokens"]
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise UserInputError(f"{path} line {lineno}: 'tokens' is not a list of token ids; {SAMPLES_HINT}")
+        samples.append(tokens)
+    if not samples:
+        raise UserInputError(f"{path} holds no samples; {SAMPLES_HINT}")
+    summary_path = path + ".summary.json"
+    summary = read_json(summary_path, "a sample summary") if os.path.exists(summary_path) else {}
+    return samples, summary
 
 
 def evaluate_samples(args) -> list:
+    files = {path: read_samples(path) for path in args.files}  # every file checked before slow imports
     from prosec_mcore.evaluation import unigram_entropy
 
     qm9 = None
@@ -53,22 +61,15 @@ def evaluate_samples(args) -> list:
         qm9 = load_qm9_evaluation(args.molecules, args.split, args.fcd_reference)
 
     rows = []
-    for path in args.files:
-        with open(path) as f:
-            samples = [json.loads(line) for line in f]
-        summary_path = path + ".summary.json"
-        summary = {}
-        if os.path.exists(summary_path):
-            with open(summary_path) as f:
-                summary = json.load(f)
+    for path, (samples, summary) in files.items():
         row = {"file": path, **{k: summary[k] for k in ("sampler", "steps", "corrector_steps", "corrector_every",
                                                          "corrector_mode", "nfe_per_batch", "nfe_unmask_per_batch",
                                                          "nfe_correct_per_batch", "seed") if k in summary}}
         tok = qm9.tokenizer if qm9 else None
         special = {tok.eod, tok.pad, tok.mask_id} if tok else set()
-        row["unigram_entropy"] = unigram_entropy([s["tokens"] for s in samples], ignore_ids=special)
+        row["unigram_entropy"] = unigram_entropy(samples, ignore_ids=special)
         if qm9:
-            row.update(qm9.score([s["tokens"] for s in samples]).to_dict())
+            row.update(qm9.score(samples).to_dict())
         rows.append(row)
     return rows
 
@@ -96,7 +97,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("nelbo", help="validation NELBO / perplexity bound / corrector NLL of a checkpoint")
     p.add_argument("checkpoint")
-    p.add_argument("--eval-iters", type=int, default=20, help="validation global batches")
+    p.add_argument("--eval-iters", type=int, default=None,
+                   help="validation global batches (default: the run's train.eval_iters, which reproduces its log)")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--out", default=None)
     s = sub.add_parser("samples", help="metrics of sample files from tools/generate_prosec.py")
@@ -118,14 +120,13 @@ def main(argv=None) -> int:
                                    "valid_corrector_accuracy_on_errors", "eval_tokens"])
             out = args.out or os.path.join(os.path.dirname(result["checkpoint"]), "eval_nelbo.json")
         else:
-            missing = [f for f in args.files if not os.path.isfile(f)]
-            if missing:
-                raise FileNotFoundError(f"sample file(s) not found: {', '.join(missing)}")
+            from prosec_mcore.cli_errors import writable_file
+
+            out = writable_file(args.out or args.files[0] + ".metrics.json", "--out")
             result = evaluate_samples(args)
             print_table(result, ["file", "sampler", "steps", "corrector_steps", "corrector_every", "nfe_per_batch",
                                  "validity", "uniqueness", "novelty", "novel_per_sample", "qed_mean", "rings_mean",
                                  "fcd", "unigram_entropy"])
-            out = args.out or args.files[0] + ".metrics.json"
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -5,10 +5,7 @@
         --tokenizer-path data_cache/gpt2/gpt2.tiktoken --output-prefix data/owt
 """
 import argparse
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None) -> int:

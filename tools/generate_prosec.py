@@ -24,7 +24,15 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from prosec_mcore.cli_errors import (
+    UserInputError,
+    check_checkpoint,
+    check_hf_folder,
+    exits_on_user_error,
+    reading_checkpoint,
+    user_input_errors,
+    writable_file,
+)
 
 
 def parse_args(argv=None):
@@ -104,32 +112,58 @@ def conditioning(args, loaded):
     return GuidedDenoiser(loaded.denoiser, label, null_label=num_classes, gamma=args.guidance), None
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    import torch
+def output_path(args) -> str:
+    """--out, or samples/<sampler>_T<steps>_s<seed>.jsonl beside the run (never inside a checkpoint)."""
+    if args.out:
+        return args.out
+    base = args.model
+    if os.path.isfile(os.path.join(base, "COMPLETE")):  # a checkpoint directory: write beside the run, not into it
+        base = os.path.dirname(os.path.dirname(os.path.abspath(base)))
+    return os.path.join(base, "samples", f"{args.sampler}_T{args.steps}_s{args.seed}.jsonl")
 
-    from prosec_mcore import quiet_known_warnings
-    from prosec_mcore.sampling import CorrectorSettings, SamplerSpec, generate
+
+def check_model(args) -> str:
+    """The HF folder or the checkpoint directory to load, once its files are known to be readable:
+    a missing or damaged file is then named in one line, not in a loader's traceback."""
+    if not args.hf:
+        return check_checkpoint(args.model)
+    if args.tp != 1:
+        raise UserInputError("--tp applies to distributed checkpoints; a HF folder runs on one process")
+    check_hf_folder(args.model)
+    return args.model
+
+
+def load_model(args, source: str):
     from prosec_mcore.sampling.loading import load_from_checkpoint, load_from_hf
 
+    if args.hf:
+        return load_from_hf(source, seq_length=args.length)
+    with reading_checkpoint(source):
+        return load_from_checkpoint(source, tp=args.tp)
+
+
+@exits_on_user_error
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from prosec_mcore import quiet_known_warnings
+
     quiet_known_warnings()
-    try:
+    # the inputs first, before the slow imports and the work: a bad path fails at once
+    path = writable_file(output_path(args), "--out")
+    source = check_model(args)
+    import torch
+
+    from prosec_mcore.sampling import CorrectorSettings, SamplerSpec, generate
+
+    with user_input_errors(ValueError):  # here a ValueError is about the options or the model given
         spec = SamplerSpec(args.sampler, args.steps,
                            CorrectorSettings(args.corrector_steps, args.corrector_every, args.corrector_mode,
                                              args.top_k, not args.no_early_stop),
                            not args.no_cache, args.eta, args.block_length, args.threshold)
-        if args.hf:
-            if args.tp != 1:
-                raise ValueError("--tp applies to distributed checkpoints; a HF folder runs on one process")
-            loaded = load_from_hf(args.model, seq_length=args.length)
-        else:
-            loaded = load_from_checkpoint(args.model, tp=args.tp)
+        loaded = load_model(args, source)
         length = args.length or loaded.seq_length
         prompt, fixed = build_prompt(args, loaded.tokenizer, length)
         denoiser, labels = conditioning(args, loaded)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
 
     rank, world, dp_rank, dp_size = 0, 1, 0, 1
     if torch.distributed.is_initialized():
@@ -169,10 +203,6 @@ def main(argv=None) -> int:
                **totals, **{f"{k}_per_batch": totals[k] / n_batches for k in ("nfe", "nfe_unmask", "nfe_correct")},
                "seconds": round(time.time() - start, 2), "prompt": args.prompt, "template": args.template,
                "label": args.label, "guidance": args.guidance}
-    base = args.model
-    if os.path.isfile(os.path.join(base, "COMPLETE")):  # a checkpoint directory: write beside the run, not into it
-        base = os.path.dirname(os.path.dirname(os.path.abspath(base)))
-    path = args.out or os.path.join(base, "samples", f"{args.sampler}_T{args.steps}_s{args.seed}.jsonl")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         for i, row in enumerate(tokens.tolist()):

@@ -6,17 +6,22 @@ Panels: the MDM loss, the self-correction loss (each with a moving average over 
 iterations) and the validation NELBO / corrector NLL where validation ran.
 """
 import argparse
-import json
 import os
 import sys
+
+from prosec_mcore.cli_errors import UserInputError, exits_on_user_error, iter_jsonl, writable_file
+
+METRICS_HINT = "tools/pretrain_prosec.py writes one JSON object per logged iteration"
 
 
 def read_metrics(run_dir):
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: is {run_dir} the run_dir of a training run?")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        raise UserInputError(f"{path} not found: is {run_dir} the run_dir of a training run?")
+    rows = [row for _, row in iter_jsonl(path, key="iteration", hint=METRICS_HINT)]
+    if not rows:
+        raise UserInputError(f"{path} holds no iterations yet; {METRICS_HINT}")
+    return rows
 
 
 def moving_average(values, window):
@@ -29,6 +34,7 @@ def moving_average(values, window):
     return out
 
 
+@exits_on_user_error
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+")
@@ -43,11 +49,8 @@ def main(argv=None) -> int:
     except ImportError:
         print("error: plotting needs matplotlib: pip install matplotlib", file=sys.stderr)
         return 2
-    try:
-        runs = {d: read_metrics(d) for d in args.run_dirs}
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    runs = {d: read_metrics(d) for d in args.run_dirs}
+    out = writable_file(args.out or os.path.join(args.run_dirs[0], "losses.png"), "--out")
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for run_dir, rows in runs.items():
@@ -70,7 +73,6 @@ def main(argv=None) -> int:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    out = args.out or os.path.join(args.run_dirs[0], "losses.png")
     fig.savefig(out, dpi=110)
     print(f"[prosec] wrote {out}")
     return 0

@@ -19,11 +19,13 @@ import os
 import sys
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from prosec_mcore.cli_errors import exits_on_user_error, user_input_errors
+
 # megatron-core announces its optional GPU extras on import; irrelevant for data preparation
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 
+@exits_on_user_error
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,7 +48,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     out_dir = args.out_dir or os.path.join("data_cache", args.dataset)
-    try:
+    # a missing source package or a source that does not parse is the user's to fix
+    with user_input_errors(ValueError, ImportError):
         if args.dataset == "qm9":
             from prosec_mcore.data.qm9 import prepare_qm9_corpus
 
@@ -61,9 +64,6 @@ def main(argv=None) -> int:
 
             prepare_shakespeare_corpus(out_dir, args.vocab_size, args.seed,
                                        source=args.source, force=args.force)
-    except (FileNotFoundError, ValueError, ImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
     return 0
 
 

@@ -22,16 +22,24 @@ Every document is followed by the tokenizer's end-of-document id.  Examples:
 
 import argparse
 import glob
-import itertools
 import os
 import sys
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from prosec_mcore.cli_errors import (
+    UserInputError,
+    exits_on_user_error,
+    iter_jsonl,
+    reading_tokenizer,
+    user_input_errors,
+    writable_file,
+)
+
 # megatron-core announces its optional GPU extras on import; irrelevant for preprocessing
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 TEXT_EXT, JSON_EXT = (".txt",), (".jsonl", ".json")
+JSONL_HINT = "a .jsonl input holds one JSON object per line, with the text under --json-key"
 
 
 def expand_inputs(inputs):
@@ -44,12 +52,81 @@ def expand_inputs(inputs):
         elif os.path.isfile(item):
             files.append(item)
         else:
-            raise FileNotFoundError(f"input not found: {item!r}")
+            raise UserInputError(f"--input {item} not found")
     if not files:
-        raise FileNotFoundError(f"no .txt/.jsonl/.json files in {inputs}")
+        raise UserInputError(f"no .txt/.jsonl/.json files in {' '.join(inputs)}")
     return files
 
 
+def no_documents(files, why) -> UserInputError:
+    named = " ".join(files) if len(files) <= 3 else f"{files[0]} and the {len(files) - 1} other inputs"
+    return UserInputError(f"{named} {'holds' if len(files) == 1 else 'hold'} no documents ({why})")
+
+
+def document_text(path, lineno, record, key) -> str:
+    if not isinstance(record[key], str):
+        raise UserInputError(f"{path} line {lineno}: {key!r} is a JSON {type(record[key]).__name__}, not text; "
+                             f"{JSONL_HINT}")
+    return record[key]
+
+
+def check_inputs(files, json_key) -> None:
+    """A quick look before the tokenizer loads (seconds): the first record of every JSON-lines
+    file, the first 64 KiB of every text file, and that not every file is empty. A wrong
+    --json-key, a binary file or empty inputs then fail at once; the rest is checked as it
+    streams by (Documents)."""
+    import codecs
+
+    content = False
+    for path in files:
+        if path.endswith(JSON_EXT):
+            for lineno, record in iter_jsonl(path, key=json_key, hint=JSONL_HINT):
+                document_text(path, lineno, record, json_key)
+                content = True
+                break
+            continue
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+        try:  # an incremental decoder accepts a character cut at the end of the 64 KiB
+            content = content or bool(codecs.getincrementaldecoder("utf-8")().decode(head).strip())
+        except UnicodeDecodeError:
+            raise UserInputError(f"{path} is not UTF-8 text (a binary file?)") from None
+    if not content:
+        raise no_documents(files, "empty")
+
+
+class Documents:
+    """The documents of every input file in order, remembering which file is being read and how
+    many non-blank documents came: the tokenizer's and the writer's errors do not know the file,
+    and preprocess_documents' "no documents" names no input."""
+
+    def __init__(self, text_files, json_files, args):
+        self.text_files, self.json_files, self.args = text_files, json_files, args
+        self.current, self.count = None, 0
+
+    def __iter__(self):
+        from prosec_mcore.data.preprocess import iter_text_documents
+
+        for path in self.text_files:
+            self.current = path
+            try:
+                yield from self._counted(iter_text_documents([path], split_blank_lines=self.args.split_blank_lines,
+                                                             split_lines=self.args.split_lines))
+            except UnicodeDecodeError:
+                raise UserInputError(f"{path} is not UTF-8 text (a binary file?)") from None
+        key = self.args.json_key
+        for path in self.json_files:
+            self.current = path
+            for lineno, record in iter_jsonl(path, key=key, hint=JSONL_HINT):
+                yield from self._counted([document_text(path, lineno, record, key)])
+
+    def _counted(self, docs):
+        for doc in docs:
+            self.count += bool(doc.strip())
+            yield doc
+
+
+@exits_on_user_error
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,34 +147,33 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    from prosec_mcore.data.preprocess import (
-        iter_jsonl_documents,
-        iter_text_documents,
-        preprocess_documents,
-    )
+    # the paths and the inputs' first lines before the slow imports: a bad one fails at once
+    files = expand_inputs(args.input)
+    if not os.path.exists(args.tokenizer_path):
+        raise UserInputError(f"--tokenizer-path {args.tokenizer_path} not found; "
+                             f"tools/prepare_data.py writes a tokenizer.json")
+    writable_file(args.output_prefix, "--output-prefix")
+    check_inputs(files, args.json_key)
+    from prosec_mcore.data.preprocess import preprocess_documents
     from prosec_mcore.data.tokenizer import build_tokenizer
 
-    try:
-        files = expand_inputs(args.input)
+    with user_input_errors(ValueError), reading_tokenizer(args.tokenizer_path):
         tokenizer = build_tokenizer(args.tokenizer_kind, args.tokenizer_path, eod_token=args.eod_token,
                                     mask_token=args.mask_token, pad_token=args.pad_token)
-    except (FileNotFoundError, ValueError) as err:
-        parser.error(str(err))
     text_files = [f for f in files if not f.endswith(JSON_EXT)]
     json_files = [f for f in files if f.endswith(JSON_EXT)]
-    docs = itertools.chain(
-        iter_text_documents(text_files, split_blank_lines=args.split_blank_lines,
-                            split_lines=args.split_lines),
-        iter_jsonl_documents(json_files, args.json_key),
-    )
+    docs = Documents(text_files, json_files, args)
     print(f"tokenizer: {tokenizer}")
     print(f"inputs: {len(text_files)} text file(s), {len(json_files)} JSONL file(s)")
     try:
         stats = preprocess_documents(docs, tokenizer, args.output_prefix,
                                      show_progress=not args.no_progress)
-    except (KeyError, ValueError) as err:  # bad JSONL key, unknown characters, no documents
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except UserInputError:
+        raise
+    except ValueError as err:  # unknown characters for a char vocabulary, ids beyond the vocabulary
+        if docs.count == 0:
+            raise no_documents(files, f"blank texts or --json-key {args.json_key!r} values") from None
+        raise UserInputError(f"{docs.current}: {err}") from None
     print(f"documents: {stats['documents']:,} (skipped {stats['skipped_empty']} empty)")
     print(f"tokens:    {stats['tokens']:,} incl. EOD, dtype {stats['dtype']}, "
           f"max id {stats['max_token_id']}, {stats['seconds']:.1f}s")

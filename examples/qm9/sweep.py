@@ -17,8 +17,6 @@ import statistics
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
 
 METRICS = ("validity", "num_valid", "num_unique", "num_novel", "qed_mean", "fcd")
 

@@ -1,6 +1,6 @@
 """The building blocks of every sampler: one unmasking step and one corrector loop.
 
-Read beside DESIGN.md section 2 (Algorithms 2 and 3 of the paper).
+Read beside docs/method.md section 2 (Algorithms 2 and 3 of the paper).
 
 **Unmasking step (MDLM ancestral sampling).**  Going from time t to s < t, a position that is
 still masked in z_t becomes token v with probability (alpha_s - alpha_t) / (1 - alpha_t) *

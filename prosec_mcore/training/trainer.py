@@ -17,7 +17,6 @@ Public API for tools and tests: `microbatches`, `forward_backward`, `optimizer_s
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 
@@ -30,6 +29,7 @@ from ..config_loader import config_to_dict
 from ..data import build_datasets, build_tokenizer, load_document_labels, make_batch_iterator
 from ..diffusion.noise import STREAM_TRAIN_MASK, STREAM_TRAIN_TIME, STREAM_VALID_MASK, STREAM_VALID_TIME
 from ..diffusion.schedules import build_schedule
+from ..evaluation.likelihood import validation_metrics
 from ..model.builder import build_model_chunks, padded_vocab_size, params_dtype
 from ..model.layer_specs import attention_kernels, describe_backend
 from ..perf.report import StepAccounting, startup_lines
@@ -55,6 +55,18 @@ def build_run_tokenizer(cfg: Config, tok_path):
     """The run's tokenizer, with the special-token names of `data.tokenizer` (None: defaults)."""
     t = cfg.data.tokenizer
     return build_tokenizer(t.kind, tok_path, mask_token=t.mask_token, eod_token=t.eod_token, pad_token=t.pad_token)
+
+
+def noise_settings(cfg: Config, valid: bool) -> NoiseSettings:
+    """The diffusion noise of the run's training (or validation) batches: seed, eps, RNG streams."""
+    o, t = cfg.objective, cfg.train
+    return NoiseSettings(
+        seed=t.seed, eps=o.eps_valid if valid else o.eps_train, antithetic=o.antithetic,
+        global_batch_size=t.global_batch_size,
+        time_stream=STREAM_VALID_TIME if valid else STREAM_TRAIN_TIME,
+        mask_stream=STREAM_VALID_MASK if valid else STREAM_TRAIN_MASK,
+        cond_dropout=0.0 if valid else o.cond_dropout, null_label=cfg.model.num_classes,
+    )
 
 
 class Trainer:
@@ -228,14 +240,7 @@ class Trainer:
 
     def noise_settings(self, valid: bool) -> NoiseSettings:
         """The diffusion noise of a training (or validation) batch: seed, eps, the RNG streams."""
-        o, t = self.cfg.objective, self.cfg.train
-        return NoiseSettings(
-            seed=t.seed, eps=o.eps_valid if valid else o.eps_train, antithetic=o.antithetic,
-            global_batch_size=t.global_batch_size,
-            time_stream=STREAM_VALID_TIME if valid else STREAM_TRAIN_TIME,
-            mask_stream=STREAM_VALID_MASK if valid else STREAM_TRAIN_MASK,
-            cond_dropout=0.0 if valid else o.cond_dropout, null_label=self.cfg.model.num_classes,
-        )
+        return noise_settings(self.cfg, valid)
 
     def microbatches(self, index: int, split: str = "train") -> list:
         """This rank's micro-batches of global batch `index` (0-based) of the `train` or `valid`
@@ -289,26 +294,11 @@ class Trainer:
         metrics.update(self.optimizer_step(iteration, metrics["loss"]))
         return metrics
 
-    @torch.no_grad()
     def validate(self) -> dict:
-        """Validation NELBO per token (the MDM loss at eps_valid; exp(NELBO) bounds the perplexity),
-        the corrector's loss on its own argmax input (as trained, w(t)-weighted) and its plain
-        NLL, the mean -log p_theta(x | y) per token."""
-        for chunk in self.model:
-            chunk.eval()
-        totals: dict = {}
-        for index in range(self.cfg.train.eval_iters):
-            m = self.step.run(self.microbatches(index, "valid"), self.noise_settings(valid=True), forward_only=True,
-                              with_corrector=True)
-            for key in ("mdm_loss", "sc_loss", "corrector_nll", "corrector_accuracy_on_errors"):
-                totals[key] = totals.get(key, 0.0) + m[key] / self.cfg.train.eval_iters
-        return {
-            "valid_nelbo": totals["mdm_loss"],
-            "valid_ppl_bound": math.exp(min(totals["mdm_loss"], 50.0)),
-            "valid_sc_loss": totals["sc_loss"],
-            "valid_corrector_nll": totals["corrector_nll"],
-            "valid_corrector_accuracy_on_errors": totals["corrector_accuracy_on_errors"],
-        }
+        """Validation NELBO, its perplexity bound, the corrector's loss and NLL on the validation
+        split (evaluation/likelihood.py), the same batches and noise every time."""
+        return validation_metrics(self.step, lambda index: self.microbatches(index, "valid"),
+                                  self.noise_settings(valid=True), self.cfg.train.eval_iters)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> None:

@@ -58,7 +58,7 @@ def test_export_loads_in_transformers_with_matching_logits(trained, tmp_path, si
     # Import it back, train from it, export again: every tensor is reproduced exactly.
     ck_dir = tmp_path / "imported"
     printed = cli("convert_checkpoint.py", ["import", "--hf", str(out), "--out", str(ck_dir)])
-    assert "checkpoint.load=" in printed
+    assert "checkpoint.pretrained=" in printed
     again = tmp_path / "hf_again"
     cli("convert_checkpoint.py", ["export", "--checkpoint", str(ck_dir), "--out", str(again)])
     first, second = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
@@ -71,7 +71,7 @@ def test_export_loads_in_transformers_with_matching_logits(trained, tmp_path, si
                                                  "data.seq_length=32", "train.iters=2", "train.global_batch_size=4",
                                                  "train.micro_batch_size=2", "train.eval_interval=0",
                                                  f"run_dir={run}"])
-    assert "resumed from" in log and "at iteration 0" in log and "done at iteration 2/2" in log
+    assert "starting from the pretrained weights of" in log and "done at iteration 2/2" in log
 
 
 def test_llada_family_round_trip_through_the_cli(tmp_path, shakespeare_corpus):

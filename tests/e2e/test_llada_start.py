@@ -165,7 +165,7 @@ def test_proseco_training_starts_from_imported_llada_weights(llada_folder, tmp_p
 
     run = ok(run_tool("pretrain_prosec.py", ["--tp", "2"] + run_args + [f"run_dir={tmp_path / 'run'}",
                                                                          "checkpoint.save_interval=3"], nproc=2))
-    assert "at iteration 0" in run.stdout and "mask_id 250" in run.stdout, run.stdout[-2000:]
+    assert "starting from the pretrained weights of" in run.stdout and "mask_id 250" in run.stdout, run.stdout[-2000:]
     rows = read_metrics(tmp_path / "run")
     assert [r["iteration"] for r in rows] == [1, 2, 3]
     assert all(math.isfinite(r[k]) for r in rows for k in ("loss", "mdm_loss", "sc_loss", "grad_norm"))

@@ -1,6 +1,6 @@
 """The ProSeCo objective as the training step computes it, against plain PyTorch.
 
-The reference below re-derives DESIGN.md section 2 from scratch with torch.log_softmax and
+The reference below re-derives docs/method.md section 1 from scratch with torch.log_softmax and
 torch.argmax on the same model and the same noise: mask-logit (and padding) suppression, the
 argmax corrector input, w(t), both loss terms, every option, and the normalisation by the number
 of tokens of the whole global batch. The step under test runs the real megatron-core schedule,

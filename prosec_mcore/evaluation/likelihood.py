@@ -1,0 +1,81 @@
+"""Likelihood metrics of a model on the validation split: the trainer's validation, and the same
+numbers for any saved checkpoint.
+
+    validation NELBO   the MDM loss at eps_valid per token; exp(NELBO) bounds the perplexity
+    corrector loss     the corrector's loss on its own argmax input, as trained (w(t)-weighted)
+    corrector NLL      the mean -log p_theta(x | y) per token
+    corrector accuracy on errors: where y != x, how often the corrector restores x
+
+`validation_metrics` is what `Trainer.validate` runs; `evaluate_checkpoint` runs it on a
+checkpoint of any layout, loaded at tensor-parallel size `tp` without optimizer or DDP, on the
+same validation batches and noise as the run's own validation (same seed, same split sizes), so
+it reproduces the logged values.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+
+
+def validation_metrics(step, microbatches, noise, eval_iters: int) -> dict:
+    """Run `step` (a ProSeCoStep) forward-only with the corrector pass over validation batches
+    0 .. eval_iters - 1 (`microbatches(index)` gives this rank's micro-batches of one)."""
+    import torch
+
+    for chunk in step.model:
+        chunk.eval()
+    totals: dict = {}
+    with torch.no_grad():
+        for index in range(eval_iters):
+            m = step.run(microbatches(index), noise, forward_only=True, with_corrector=True)
+            for key in ("mdm_loss", "sc_loss", "corrector_nll", "corrector_accuracy_on_errors"):
+                totals[key] = totals.get(key, 0.0) + m[key] / eval_iters
+    return {
+        "valid_nelbo": totals["mdm_loss"],
+        "valid_ppl_bound": math.exp(min(totals["mdm_loss"], 50.0)),
+        "valid_sc_loss": totals["sc_loss"],
+        "valid_corrector_nll": totals["corrector_nll"],
+        "valid_corrector_accuracy_on_errors": totals["corrector_accuracy_on_errors"],
+    }
+
+
+def evaluate_checkpoint(checkpoint: str, tp: int = 1, eval_iters: int | None = None) -> dict:
+    """Validation metrics of `checkpoint` (a checkpoint, or a run directory's latest). `eval_iters`
+    defaults to the run's train.eval_iters, which reproduces its logged validation."""
+    from megatron.core import parallel_state
+
+    from ..data import build_datasets, make_batch_iterator
+    from ..diffusion.schedules import build_schedule
+    from ..training.checkpoint import load_model_for_inference
+    from ..training.step import NoiseSettings, ProSeCoStep, loss_options
+    from ..training.trainer import build_run_tokenizer, noise_settings, resolve_data_paths
+
+    model, cfg, common, path = load_model_for_inference(checkpoint, tp)
+    t = cfg.train
+    eval_iters = eval_iters or t.eval_iters
+    prefix, tok_path = resolve_data_paths(cfg)
+    tokenizer = build_run_tokenizer(cfg, tok_path)
+    # The run's own validation set (the same request, hence the same samples in the same order),
+    # larger only when more batches are asked for than the run validated on.
+    valid_samples = max(eval_iters, t.eval_iters) * t.global_batch_size
+    with tempfile.TemporaryDirectory(prefix="prosec_eval_") as cache:
+        _, valid, _ = build_datasets(prefix, tokenizer, cfg.data.seq_length, cfg.data.split, t.seed,
+                                     (t.global_batch_size, valid_samples, 0), cache)
+        dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+        labels = None
+        if cfg.data.labels:
+            from ..data import load_document_labels
+
+            labels = load_document_labels(cfg.data.labels, valid, cfg.model.num_classes)
+        batches = make_batch_iterator(valid, t.global_batch_size, t.micro_batch_size, dp_rank, dp_size,
+                                      labels=labels)
+        o = cfg.objective
+        step = ProSeCoStep([model], model.config, o.name, loss_options(cfg), build_schedule(o.schedule, o.schedule_eps),
+                           common.get("mask_id", tokenizer.mask_id), common.get("tokenizer_vocab_size", tokenizer.vocab_size),
+                           cfg.data.seq_length, t.micro_batch_size)
+        noise: NoiseSettings = noise_settings(cfg, valid=True)
+        metrics = validation_metrics(step, batches.microbatches, noise, eval_iters)
+    metrics.update(checkpoint=os.path.abspath(path), iteration=int(common.get("iteration", 0)), eval_iters=eval_iters,
+                   eval_tokens=eval_iters * t.global_batch_size * cfg.data.seq_length)
+    return metrics
