@@ -378,10 +378,10 @@ def _prune(save_dir: str, keep_last: int) -> None:
 
 
 def _fault_spec(point: str, iteration: int) -> bool:
-    """Test hook: PROSEC_FAULT_INJECTION=<point>:<iteration>[:<rank>] names where a test makes a save
+    """Test hook: PROSEC_FAULT_INJECTION=<point>:<iteration or *>[:<rank>] names where a test makes a save
     fail (tests/distributed/test_checkpoints.py, tests/distributed/test_run_safety.py)."""
     parts = os.environ.get("PROSEC_FAULT_INJECTION", "").split(":")
-    if len(parts) < 2 or parts[0] != point or parts[1] != str(iteration):
+    if len(parts) < 2 or parts[0] != point or parts[1] not in (str(iteration), "*"):
         return False
     return len(parts) == 2 or parts[2] == str(torch.distributed.get_rank())
 

@@ -29,6 +29,10 @@ class ExitSignals:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def uninstall(self) -> None:
+        """Restore the previous handlers, unless an exit was asked for: then the process is on its
+        way out, and a further Ctrl-C must still mean "now", not a KeyboardInterrupt traceback."""
+        if self.requested is not None:
+            return
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()

@@ -321,11 +321,17 @@ def test_ctrl_c_saves_once_and_a_second_ctrl_c_exits_at_once(tmp_path, shakespea
     stopped = read_metrics(run_dir)[-1]["iteration"]
     assert (run_dir / "checkpoints" / "latest").read_text() == f"iter_{stopped:07d}"
 
-    again = Training(args, tmp_path)  # resumes; then Ctrl-C twice
+    # Resumed; Ctrl-C, and again while that save is being written (each write made to take 30 s).
+    again = Training(args, tmp_path, env={"PROSEC_FAULT_INJECTION": "slow_write:*"})
     wait_for_iterations(run_dir, stopped + 2)
     again.proc.send_signal(signal.SIGINT)
-    time.sleep(0.05)
+    deadline = time.time() + 60
+    while time.time() < deadline and not [d for d in (run_dir / "checkpoints").glob("iter_*")
+                                          if not (d / "COMPLETE").exists()]:  # the save has begun
+        time.sleep(0.05)
+    time.sleep(1.0)
     again.proc.send_signal(signal.SIGINT)
-    code, out, err = again.wait(timeout=60)
+    code, out, err = again.wait(timeout=20)
     assert code == 130 and "Traceback" not in err, err[-3000:]
     assert "second SIGINT: exiting now without saving" in err
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"iter_{stopped:07d}"  # the unfinished save never counts
