@@ -13,7 +13,9 @@ draws the global batch (split over data-parallel ranks and micro-batches), runs
 tokens/s and ETA.
 
 Public API for tools and tests: `microbatches`, `forward_backward`, `optimizer_step`,
-`train_step`, `validate`, `train`, the `objective` property, `add_gradient_hook`, `close`.
+`train_step`, `validate`, `train`, the `objective` property, `add_gradient_hook`, `close`, and the
+attributes `model` (DDP-wrapped chunks), `optimizer`, `cfg` and `step` (the ProSeCoStep, whose
+`time_phases`/`last_timings` the benchmarks read).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from ..model.layer_specs import attention_kernels, describe_backend
 from ..perf.report import StepAccounting, startup_lines
 from ..runtime import describe_cpu_compat, initialize_distributed
 from ..runtime.init import init_weights_layout_independent
-from .checkpoint import load_checkpoint, load_weights
+from .checkpoint import find_latest, load_checkpoint, load_weights
 from .health import APPLY, SKIP, STOP, HealthGuard
 from .lifecycle import RunLifecycle, StartPoint, UnhealthyTrainingError
 from .metrics_logger import MetricsLogger
@@ -367,8 +369,6 @@ class Trainer:
 
     def _stop_unhealthy(self, iteration: int, reason: str) -> None:
         self.run.finalize_pending(blocking=True)
-        from .checkpoint import find_latest
-
         latest = find_latest(self.save_dir)
         keep = (f"the newest checkpoint, {latest}, holds healthy weights" if latest else
                 "no checkpoint has been written yet")
