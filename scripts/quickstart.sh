@@ -12,11 +12,13 @@ bash scripts/setup_env.sh
 RUN_DIR="runs/quickstart-$(date +%Y%m%d-%H%M%S)"
 .venv/bin/python tools/pretrain_prosec.py model=tiny objective=proseco run_dir="$RUN_DIR" "$@"
 
+# The corrector *samples* its proposal: after 200 steps of the tiny model, argmax corrector loops
+# collapse the draft onto the most frequent tokens (newlines, commas; examples/shakespeare/README.md).
 SAMPLES="$RUN_DIR/samples/proseco.jsonl"
-SAMPLE=(tools/generate_prosec.py "$RUN_DIR" --sampler proseco --steps 32 --corrector-steps 2 --corrector-every 4
-        --num-samples 4 --batch-size 4 --out "$SAMPLES")
+SAMPLE=(tools/generate_prosec.py "$RUN_DIR" --sampler proseco --steps 32 --corrector-steps 1 --corrector-every 4
+        --corrector-mode sample --num-samples 4 --batch-size 4 --out "$SAMPLES")
 echo
-echo "[quickstart] sampling from the model just trained: ProSeCo, 32 unmasking steps, a corrector loop of 2 every 4"
+echo "[quickstart] sampling from the model just trained: ProSeCo, 32 unmasking steps, a sampled corrector step every 4"
 .venv/bin/python "${SAMPLE[@]}"
 .venv/bin/python - "$SAMPLES" <<'EOF'
 import json, sys
