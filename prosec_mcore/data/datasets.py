@@ -259,8 +259,10 @@ def build_datasets(data_prefix: str, tokenizer, seq_length: int, split: str, see
     # Check before megatron builds (and caches) any index.
     n_docs = len(indexed.sequence_lengths)
     names = ("train", "valid", "test")
+    # train always, valid when validation reads it; test keeps the warning + None below
+    needs_samples = (True, num_samples[1] > 0, False)
     for i, bookends in enumerate(config.split_matrix):
-        wanted = i == 0 or (i == 1 and num_samples[1] > 0)  # test keeps warning + None
+        wanted = needs_samples[i]
         beg, end = (0, 0) if bookends is None else (int(round(bookends[0] * n_docs)),
                                                      int(round(bookends[1] * n_docs)))
         n_split_docs = max(end - beg, 0)
@@ -277,7 +279,7 @@ def build_datasets(data_prefix: str, tokenizer, seq_length: int, split: str, see
     builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config)
     datasets = builder.build()
     for i, ds in enumerate(datasets):  # the checks above should make this unreachable
-        if (i == 0 or (i == 1 and num_samples[1] > 0)) and (ds is None or len(ds) == 0):
+        if needs_samples[i] and (ds is None or len(ds) == 0):
             raise ValueError(f"data.split={split} yields no {names[i]} sample of data.seq_length="
                              f"{seq_length} tokens from {data_prefix}; "
                              + (_VALID_FIX if i == 1 else "use a shorter data.seq_length or more data"))
@@ -299,7 +301,7 @@ def _split_error(name: str, data_prefix: str, split: str, seq_length: int, reque
                 f"e.g. \"data.split='90,10,0'\"), use more data or a shorter data.seq_length")
     fix = _VALID_FIX if n_split_docs == 0 else (
         "give the validation split more documents (a larger second share of data.split, "
-        "e.g. data.split=80,20,0, or more data), use a shorter data.seq_length, or set "
+        "e.g. \"data.split='80,20,0'\", or more data), use a shorter data.seq_length, or set "
         "train.eval_interval=0")
     return f"{what}, but validation asks for {requested:,} samples; {fix}"
 

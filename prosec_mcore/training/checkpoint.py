@@ -55,6 +55,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
 from ..config import ConfigError
+from .faults import fault_injected
 from .save_processes import saving
 
 COMPLETE = "COMPLETE"
@@ -298,18 +299,24 @@ def write_failure(err: BaseException, path: str, save_dir: str) -> CheckpointWri
                                 f"and {intact}")
 
 
+def exception_chain(err: BaseException):
+    """`err`, then what caused it (or was being handled when it was raised), and so on."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
 def _is_disk_full(err: BaseException, save_dir: str) -> bool:
     """ENOSPC anywhere in the exception chain, in its text (torch's zip writer reports a full disk
     as 'unexpected pos'), or a file system with (almost) nothing left."""
-    seen, chain = set(), err
-    while chain is not None and id(chain) not in seen:
-        seen.add(id(chain))
-        if isinstance(chain, OSError) and chain.errno == errno.ENOSPC:
+    for link in exception_chain(err):
+        if isinstance(link, OSError) and link.errno == errno.ENOSPC:
             return True
-        text = str(chain)
+        text = str(link)
         if "No space left" in text or "ENOSPC" in text or "unexpected pos" in text:
             return True
-        chain = chain.__cause__ or chain.__context__
     try:
         return os.path.isdir(save_dir) and shutil.disk_usage(save_dir).free < 2**20
     except OSError:
@@ -377,18 +384,9 @@ def _prune(save_dir: str, keep_last: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _fault_spec(point: str, iteration: int) -> bool:
-    """Test hook: PROSEC_FAULT_INJECTION=<point>:<iteration or *>[:<rank>] names where a test makes a save
-    fail (tests/distributed/test_checkpoints.py, tests/distributed/test_run_safety.py)."""
-    parts = os.environ.get("PROSEC_FAULT_INJECTION", "").split(":")
-    if len(parts) < 2 or parts[0] != point or parts[1] not in (str(iteration), "*"):
-        return False
-    return len(parts) == 2 or parts[2] == str(torch.distributed.get_rank())
-
-
 def _fault_injection(point: str, iteration: int) -> None:
-    """`after_shards`: the process dies there, as with `kill -9`."""
-    if _fault_spec(point, iteration):
+    """`after_shards` (training/faults.py): the process dies there, as with `kill -9`."""
+    if fault_injected(point, iteration):
         os._exit(137)
 
 
@@ -397,7 +395,7 @@ def _injected_write_fault(iteration: int):
     """In megatron's shard writer processes: `write` fails with ENOSPC, as on a full disk (the
     failure then travels megatron's real error path: worker -> results -> every rank);
     `slow_write` makes each write take 30 s, so that a test can kill a rank in the middle."""
-    failing, slow = _fault_spec("write", iteration), _fault_spec("slow_write", iteration)
+    failing, slow = fault_injected("write", iteration), fault_injected("slow_write", iteration)
     if not (failing or slow):
         yield
         return
@@ -458,11 +456,11 @@ def _load_sharded(template: dict, path: str) -> dict:
             from err
 
 
-def load_weights(trainer, path: str) -> dict:
+def load_weights(trainer, path: str, common: dict | None = None) -> dict:
     """Load only the model weights of any checkpoint (a training checkpoint or a model-only one,
     e.g. imported from Hugging Face) into the trainer's model; the optimizer's main copies follow.
-    Returns the checkpoint's common state."""
-    common = load_common(path)
+    `common` is the checkpoint's common state when the caller has read it already. Returns it."""
+    common = common if common is not None else load_common(path)
     check_compatible(common["config"] | {"vocab_size": common.get("vocab_size"), "mask_id": common.get("mask_id")},
                      trainer.cfg, trainer.vocab_size, path, getattr(trainer, "mask_id", None))
     _load_model_state(trainer, _load_sharded(_model_sharded_state(trainer), path))
@@ -476,11 +474,11 @@ def load_checkpoint(trainer, path: str, common: dict | None = None) -> tuple[int
 
     Returns (iteration, whether the RNG states were restored)."""
     common = common if common is not None else load_common(path)
+    if common.get("model_only"):  # e.g. imported from Hugging Face: weights only, training starts at 0
+        load_weights(trainer, path, common)
+        return 0, False
     check_compatible(common["config"] | {"vocab_size": common.get("vocab_size"), "mask_id": common.get("mask_id")},
                      trainer.cfg, trainer.vocab_size, path, getattr(trainer, "mask_id", None))
-    if common.get("model_only"):  # e.g. imported from Hugging Face: weights only, training starts at 0
-        load_weights(trainer, path)
-        return 0, False
     same_layout = common["layout"] == layout()
     template = _sharded_state_dict(trainer, is_loading=True, with_rng=same_layout)
     loaded = _load_sharded(template, path)

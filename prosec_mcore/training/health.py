@@ -30,18 +30,13 @@ from dataclasses import dataclass
 
 import torch
 
-APPLY, SKIP, STOP = 0, 1, 2
-_NAMES = {APPLY: "apply", SKIP: "skip", STOP: "stop"}
+APPLY, SKIP, STOP = 0, 1, 2  # ordered by severity: agree() takes the maximum over ranks
 
 
 @dataclass
 class Verdict:
     action: int
     reason: str = ""
-
-    @property
-    def name(self) -> str:
-        return _NAMES[self.action]
 
 
 class HealthGuard:

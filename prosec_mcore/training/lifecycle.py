@@ -33,8 +33,8 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
 from ..config import Config, ConfigError
-from .checkpoint import (CheckpointCorruptError, checkpoint_iteration, complete_checkpoints, find_latest,
-                         load_common, save_checkpoint, set_aside, verify_checkpoint, write_failure)
+from .checkpoint import (CheckpointCorruptError, checkpoint_iteration, complete_checkpoints, exception_chain,
+                         find_latest, load_common, save_checkpoint, set_aside, verify_checkpoint, write_failure)
 from .exit_signals import ExitSignals
 from .health import state_is_finite
 from .run_lock import RunDirLock, RunDirLockedError
@@ -65,11 +65,7 @@ class SaveFailedError(RunError):
 
 def _save_failed(err: BaseException) -> SaveFailedError:
     failure = SaveFailedError(str(err))
-    cause, seen = err, set()
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        failure.collective = failure.collective or isinstance(cause, CheckpointException)
-        cause = cause.__cause__ or cause.__context__
+    failure.collective = any(isinstance(link, CheckpointException) for link in exception_chain(err))
     return failure
 
 
@@ -259,8 +255,8 @@ class RunLifecycle:
             self.signals.install()
 
     def close(self) -> None:
-        """At the end of the run, however it ends: pending saves are finalised where possible,
-        the signal handlers and the run-directory lock released."""
+        """At the end of the run, however it ends: the signal handlers (unless an exit was asked
+        for) and the run-directory lock are released. Pending saves are finalised by the loop."""
         self.signals.uninstall()
         self.release()
 

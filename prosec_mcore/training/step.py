@@ -34,6 +34,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from ..diffusion import losses
 from ..diffusion.noise import NoisedBatch, apply_forward_process, drop_labels, sample_times, token_uniforms
 from ..diffusion.schedules import NoiseSchedule
+from .faults import fault_injected
 
 REPORT_KEYS = (
     "mdm_sum", "sc_sum", "sc_nll_sum", "tokens", "masked", "masked_correct", "errors", "errors_fixed",
@@ -124,9 +125,6 @@ class ProSeCoStep:
         self._invalid = None
         self.time_phases = False  # benchmarks set it to fill `last_timings`
         self.last_timings: dict = {}
-        # Test hook (PROSEC_FAULT_INJECTION=nonfinite:<iteration>, read by the trainer): the loss
-        # weights of this global batch become NaN, so its loss and gradients do, as in a diverging run.
-        self.nonfinite_batch: int | None = None
 
     # ----------------------------------------------------------------- loss functions (last stage)
     def _invalid_ids(self, logits):
@@ -209,9 +207,8 @@ class ProSeCoStep:
         with_corrector = self.objective == "proseco" if with_corrector is None else with_corrector
         clock = _PhaseClock(self.time_phases)
         noised = [noise_microbatch(mb, self.schedule, noise, self.mask_id, self.device) for mb in microbatches]
-        if self.nonfinite_batch is not None and not forward_only and \
-                int(microbatches[0]["global_batch_index"][0]) == self.nonfinite_batch:
-            noised[0].weight = noised[0].weight * float("nan")
+        if not forward_only and fault_injected("nonfinite", int(microbatches[0]["global_batch_index"][0]) + 1):
+            noised[0].weight = noised[0].weight * float("nan")  # a test's diverging batch (faults.py)
         clock.lap("noise")
         store: dict = {}
         items = [(nb.noised, nb.sigma, nb.labels, partial(self._mdm_loss, nb, i, store)) for i, nb in enumerate(noised)]

@@ -120,16 +120,12 @@ class Trainer:
                                 build_schedule(o.schedule, o.schedule_eps), self.mask_id, self.tokenizer_vocab_size,
                                 cfg.data.seq_length, t.micro_batch_size)
         self.health = HealthGuard(cfg.health, self.device)
-        fault = os.environ.get("PROSEC_FAULT_INJECTION", "").split(":")
-        if fault[0] == "nonfinite":  # test hook: NaN loss and gradients at iteration fault[1]
-            self.step.nonfinite_batch = int(fault[1]) - 1
         self._gradient_hooks = []
         self.logger = MetricsLogger(cfg.run_dir, t.iters, enabled=self.is_logger,
                                     tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
                                     wandb_project=cfg.logging.wandb_project, wandb_mode=cfg.logging.wandb_mode,
                                     config_dict=config_to_dict(cfg))
         self._print_startup(prefix, tok_path)
-        self.save_dir = self.run.save_dir
         self.start_iteration = self._restore(start)
         self.run.install_signal_handlers()
 
@@ -138,7 +134,7 @@ class Trainer:
         rng_restored = False
         iteration = 0
         if start.kind == "pretrained":
-            load_weights(self, start.path)
+            load_weights(self, start.path, start.common)
         elif start.kind in ("load", "resume"):
             mode = "checkpoint"
             if not start.common.get("model_only"):
@@ -160,6 +156,11 @@ class Trainer:
         if self.is_logger:
             print(f"[prosec] {self.run.describe_start(start, rng_restored)}", flush=True)
         return iteration
+
+    @property
+    def save_dir(self) -> str:
+        """Where this run's checkpoints are (checkpoint.save_dir, or <run_dir>/checkpoints)."""
+        return self.run.save_dir
 
     def extra_checkpoint_state(self) -> dict:
         """What a checkpoint keeps besides model, optimizer, schedule and RNG: the guard's counters."""
