@@ -15,6 +15,7 @@ import argparse
 import gc
 import os
 import sys
+import time
 
 
 def parse_args(argv=None):
@@ -37,11 +38,20 @@ def parse_args(argv=None):
     return overrides
 
 
+# How long another rank waits for rank 0 to report an error they share (see _report).
+ALIKE_ERROR_WAIT_S = 20
+
+
 def _report(err: BaseException, every_rank_alike: bool) -> None:
     """One line on stderr. An error that every rank raises alike (configuration, checkpoint and
-    health checks agree across ranks) is printed by rank 0 only, not once per rank."""
-    if every_rank_alike and int(os.environ.get("RANK", "0")) != 0:
-        return
+    health checks agree across ranks) is printed by rank 0 only, not once per rank. The other
+    ranks must not exit first: torchrun stops every worker as soon as one has exited, and rank 0
+    could be stopped before it printed. So they wait for torchrun to stop them once rank 0 has
+    exited; if that does not happen within ALIKE_ERROR_WAIT_S (rank 0 did not fail alike), they
+    print their own line."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if every_rank_alike and rank != 0 and world > 1:
+        time.sleep(ALIKE_ERROR_WAIT_S)
     print(f"error: {err}", file=sys.stderr, flush=True)
 
 
