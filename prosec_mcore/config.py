@@ -51,6 +51,9 @@ class ModelConfig:
     zero_timestep: bool = False
     time_embedding_dim: int = 64  # "cond_dim" of the reference DiT
     num_classes: int = 0  # > 0: class-label conditioning for classifier-free guidance (needs adaln)
+    # How the label embedding joins the time embedding (model/time_embedding.py): silu_sum (the
+    # reference DiT: SiLU(time) + SiLU(label)) | sum_silu (SiLU(time + label), checkpoints before the key).
+    label_combination: str = "silu_sum"
     rotary_base: int = 10000
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
@@ -125,6 +128,13 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
+    # Megatron-LM's --lr-warmup-init: the rate warm-up starts from (the reference warms up from 1e-6).
+    lr_warmup_init: float = 0.0
+    # EMA of the weights (training/ema.py): 0 disables; the reference trains with 0.9999 and
+    # validates, samples and exports with the EMA weights (so does this project when it is on).
+    # ema_warmup: the reference's decay warm-up, min(ema_decay, (1 + n) / (10 + n)) at update n.
+    ema_decay: float = 0.0
+    ema_warmup: bool = True
     seed: int = 1234
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     log_interval: int = 10
@@ -253,6 +263,7 @@ _CHOICES = {
     "model.style": ("dit", "llama"),
     "model.time_conditioning": ("adaln", "none"),
     "model.local_attention": ("sdpa", "unfused"),
+    "model.label_combination": ("silu_sum", "sum_silu"),
     "objective.name": ("proseco", "mdlm"),
     "objective.schedule": ("loglinear", "linear", "cosine"),
     "objective.corrector_input": ("all", "masked"),
@@ -393,7 +404,8 @@ _RANGES = {
     "train.min_lr": (0, None, True, True), "train.lr_warmup_iters": (0, None, True, True),
     "train.weight_decay": (0, None, True, True), "train.adam_beta1": (0, 1, True, False),
     "train.adam_beta2": (0, 1, True, False), "train.adam_eps": (0, None, False, True),
-    "train.clip_grad": (0, None, True, True), "train.log_interval": (1, None, True, True),
+    "train.clip_grad": (0, None, True, True), "train.lr_warmup_init": (0, None, True, True),
+    "train.ema_decay": (0, 1, True, False), "train.log_interval": (1, None, True, True),
     "train.eval_interval": (0, None, True, True), "train.eval_iters": (1, None, True, True),
     "train.exit_interval": (0, None, True, True),
     "checkpoint.save_interval": (0, None, True, True), "checkpoint.keep_last": (0, None, True, True),

@@ -25,7 +25,7 @@ def evaluate_nelbo(args) -> dict:
 
     path = check_checkpoint(args.checkpoint)
     with reading_checkpoint(path):
-        return evaluate_checkpoint(path, tp=args.tp, eval_iters=args.eval_iters)
+        return evaluate_checkpoint(path, tp=args.tp, eval_iters=args.eval_iters, weights=args.weights)
 
 
 SAMPLES_HINT = "tools/generate_prosec.py writes one JSON object with 'tokens' per line"
@@ -100,6 +100,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-iters", type=int, default=None,
                    help="validation global batches (default: the run's train.eval_iters, which reproduces its log)")
     p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--weights", choices=("ema", "raw"), default="ema",
+                   help="the checkpoint's EMA weights when it has them (default, as training validates) or the raw ones")
     p.add_argument("--out", default=None)
     s = sub.add_parser("samples", help="metrics of sample files from tools/generate_prosec.py")
     s.add_argument("files", nargs="+")
@@ -116,7 +118,7 @@ def main(argv=None) -> int:
     try:
         if args.command == "nelbo":
             result = evaluate_nelbo(args)
-            print_table([result], ["iteration", "valid_nelbo", "valid_ppl_bound", "valid_corrector_nll",
+            print_table([result], ["iteration", "weights", "valid_nelbo", "valid_ppl_bound", "valid_corrector_nll",
                                    "valid_corrector_accuracy_on_errors", "eval_tokens"])
             out = args.out or os.path.join(os.path.dirname(result["checkpoint"]), "eval_nelbo.json")
         else:

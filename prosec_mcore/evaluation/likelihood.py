@@ -40,9 +40,10 @@ def validation_metrics(step, microbatches, noise, eval_iters: int) -> dict:
     }
 
 
-def evaluate_checkpoint(checkpoint: str, tp: int = 1, eval_iters: int | None = None) -> dict:
+def evaluate_checkpoint(checkpoint: str, tp: int = 1, eval_iters: int | None = None, weights: str = "ema") -> dict:
     """Validation metrics of `checkpoint` (a checkpoint, or a run directory's latest). `eval_iters`
-    defaults to the run's train.eval_iters, which reproduces its logged validation."""
+    defaults to the run's train.eval_iters, which reproduces its logged validation. weights: the
+    EMA weights when the checkpoint has them (`ema`, as training validates) or the raw ones."""
     from megatron.core import parallel_state
 
     from ..data import build_datasets, make_batch_iterator
@@ -51,7 +52,7 @@ def evaluate_checkpoint(checkpoint: str, tp: int = 1, eval_iters: int | None = N
     from ..training.step import NoiseSettings, ProSeCoStep, loss_options
     from ..training.trainer import build_run_tokenizer, noise_settings, resolve_data_paths
 
-    model, cfg, common, path = load_model_for_inference(checkpoint, tp)
+    model, cfg, common, path = load_model_for_inference(checkpoint, tp, weights)
     t = cfg.train
     eval_iters = eval_iters or t.eval_iters
     prefix, tok_path = resolve_data_paths(cfg)
@@ -77,5 +78,6 @@ def evaluate_checkpoint(checkpoint: str, tp: int = 1, eval_iters: int | None = N
         noise: NoiseSettings = noise_settings(cfg, valid=True)
         metrics = validation_metrics(step, batches.microbatches, noise, eval_iters)
     metrics.update(checkpoint=os.path.abspath(path), iteration=int(common.get("iteration", 0)), eval_iters=eval_iters,
+                   weights=common["weights"],
                    eval_tokens=eval_iters * t.global_batch_size * cfg.data.seq_length)
     return metrics

@@ -77,6 +77,7 @@ def transformer_config(cfg: Config) -> ProSeCoTransformerConfig:
         time_embedding_dim=m.time_embedding_dim,
         zero_timestep=m.zero_timestep,
         num_classes=m.num_classes,
+        label_combination=m.label_combination,
         time_embedder_seed=cfg.train.seed,
         has_cond_embedder=m.time_conditioning == "adaln",
         output_layer_bias=dit,

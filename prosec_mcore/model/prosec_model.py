@@ -33,6 +33,7 @@ class ProSeCoTransformerConfig(TransformerConfig):
     zero_timestep: bool = False
     time_embedder_seed: int = 1234
     num_classes: int = 0  # > 0: a class-label embedding joins the time embedding (classifier-free guidance)
+    label_combination: str = "silu_sum"  # silu_sum (reference) | sum_silu: time_embedding.py
     output_layer_bias: bool = False  # the reference DiT's final linear has a bias
     # Read by megatron-core's finalize_model_grads: all-reduce the gradients of `pipeline_parallel`
     # parameters (the time embedder, replicated on every pipeline stage) over the pipeline group.
@@ -66,7 +67,7 @@ class ProSeCoModel(GPTModel):
             )
         if self.time_conditioning == "adaln":
             self.time_embedder = TimestepEmbedder(config, config.time_embedding_dim, config.time_embedder_seed,
-                                                  config.num_classes)
+                                                  config.num_classes, config.label_combination)
             # Every (virtual) stage holds a copy of the embedder. megatron-core sums the copies'
             # gradients over the pipeline group in finalize_model_grads (`pipeline_parallel` params,
             # with config.has_cond_embedder), so all copies take the same step and stay equal.

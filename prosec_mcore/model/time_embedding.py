@@ -10,7 +10,11 @@ sigma = -log alpha_t is what the reference backbone receives; `zero_timestep` fe
 (the reference OWT recipe), which keeps the adaLN path but makes its output a learned constant.
 
 A label-conditioned model (`model.num_classes` > 0, for classifier-free guidance) adds a learned
-embedding of the class label before the last SiLU: c = SiLU(MLP(sinusoidal(sigma)) + E[label]).
+embedding of the class label. `model.label_combination` says how it joins the time embedding:
+`silu_sum` (default, the reference DiT): c = SiLU(MLP(sinusoidal(sigma))) + SiLU(E[label]);
+`sum_silu` (this project before it followed the reference): c = SiLU(MLP(sinusoidal(sigma)) + E[label]).
+The two compute different functions of the same weights, so a checkpoint records which one it was
+trained with and is refused by a run with the other (checkpoints without the key are `sum_silu`).
 Row `num_classes` of E is the "null" label: training replaces the label by it with probability
 `objective.cond_dropout`, so one network learns both p(x | z, label) and p(x | z).
 
@@ -41,11 +45,18 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int = FREQUENCY_DIM, max_period: 
 
 
 class TimestepEmbedder(torch.nn.Module):
-    """sigma [b] (and labels [b]) -> c [b, D] = SiLU(Linear(SiLU(Linear(sinusoidal(sigma)))) + E[label])."""
+    """sigma [b] (and labels [b]) -> c [b, D]: SiLU(Linear(SiLU(Linear(sinusoidal(sigma))))), with the
+    label embedding E[label] joined as `label_combination` says (module docstring)."""
 
-    def __init__(self, config, embedding_dim: int, seed: int, num_classes: int = 0):
+    LABEL_COMBINATIONS = ("silu_sum", "sum_silu")
+
+    def __init__(self, config, embedding_dim: int, seed: int, num_classes: int = 0,
+                 label_combination: str = "silu_sum"):
         super().__init__()
+        if label_combination not in self.LABEL_COMBINATIONS:
+            raise ValueError(f"label_combination must be one of {self.LABEL_COMBINATIONS}, not {label_combination!r}")
         self.num_classes = num_classes
+        self.label_combination = label_combination
         self.fc1 = torch.nn.Linear(FREQUENCY_DIM, embedding_dim, dtype=config.params_dtype)
         self.fc2 = torch.nn.Linear(embedding_dim, embedding_dim, dtype=config.params_dtype)
         self.label_embedding = (torch.nn.Embedding(num_classes + 1, embedding_dim, dtype=config.params_dtype)
@@ -66,8 +77,11 @@ class TimestepEmbedder(torch.nn.Module):
         if self.label_embedding is not None:
             if labels is None:  # unconditional: the null label
                 labels = torch.full(sigma.shape, self.num_classes, dtype=torch.long, device=sigma.device)
-            hidden = hidden + self.label_embedding(labels.to(hidden.device))
-        elif labels is not None:
+            label = self.label_embedding(labels.to(hidden.device))
+            if self.label_combination == "silu_sum":
+                return F.silu(hidden) + F.silu(label)
+            return F.silu(hidden + label)
+        if labels is not None:
             raise ValueError("this model has no label conditioning (model.num_classes=0); drop the labels")
         return F.silu(hidden)
 

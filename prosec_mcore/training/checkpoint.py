@@ -34,8 +34,9 @@ What a checkpoint holds: the model (sharded tensors keyed by global names, so an
 can load them), the optimizer state mapped onto the model's shards (megatron's reshardable
 format; the distributed optimizer saves `fully_sharded_model_space`), the LR scheduler, the
 iteration (the data position and the diffusion noise are pure functions of it), every rank's RNG
-states (restored only when the layout is unchanged: dropout streams are per rank), and the
-resolved run configuration.
+states (restored only when the layout is unchanged: dropout streams are per rank), the EMA of the
+weights when the run keeps one (training/ema.py: fp32, under the weights' keys prefixed `ema.`,
+so it reshards like them), and the resolved run configuration.
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
 from ..config import ConfigError
+from .ema import copy_loaded, ema_sharded, has_ema
 from .faults import fault_injected
 from .save_processes import saving
 
@@ -64,7 +66,19 @@ LATEST = "latest"
 # cannot continue from it (the tensors might even load, but would compute another function).
 ARCHITECTURE_KEYS = ("style", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                      "ffn_hidden_size", "time_conditioning", "time_embedding_dim", "zero_timestep",
-                     "num_classes", "rotary_base", "layernorm_epsilon")
+                     "num_classes", "label_combination", "rotary_base", "layernorm_epsilon")
+# The value an architecture key had before it existed: a checkpoint without the key was trained
+# with this (other missing keys are not checked).
+LEGACY_MODEL_VALUES = {"label_combination": "sum_silu"}
+
+
+def upgrade_saved_config(saved_cfg: dict) -> dict:
+    """A checkpoint's config with the architecture keys it predates filled in with the values it
+    was trained with (LEGACY_MODEL_VALUES), so that it rebuilds the same function."""
+    model = dict(saved_cfg.get("model", {}))
+    for key, value in LEGACY_MODEL_VALUES.items():
+        model.setdefault(key, value)
+    return {**saved_cfg, "model": model}
 
 
 class CheckpointCorruptError(ConfigError):
@@ -212,9 +226,12 @@ def _load_model_state(trainer, loaded: dict) -> None:
         chunk.module.load_state_dict(loaded[key])
 
 
-def _sharded_state_dict(trainer, is_loading: bool, with_rng: bool) -> dict:
+def _sharded_state_dict(trainer, is_loading: bool, with_rng: bool, with_ema: bool = True) -> dict:
     model_sd = _model_sharded_state(trainer)
     state = dict(model_sd)
+    ema = getattr(trainer, "ema", None)
+    if ema is not None and with_ema:
+        state["ema"] = ema.sharded_state_dict(model_sd)
     state["optimizer"] = trainer.optimizer.sharded_state_dict(
         model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_sharded_model_space"})
     if with_rng:
@@ -259,6 +276,8 @@ def save_checkpoint(trainer, iteration: int, save_dir: str, keep_last: int, asyn
     state["layout"] = layout()
     state["config"] = config_to_dict(trainer.cfg)
     state["vocab_size"] = trainer.vocab_size
+    if getattr(trainer, "ema", None) is not None:
+        state["ema_state"] = trainer.ema.state()
     state.update(_tokenizer_record(trainer))
     state.update(extra_state or {})
 
@@ -419,10 +438,12 @@ def _injected_write_fault(iteration: int):
 # ------------------------------------------------------------------------------- load
 def check_compatible(saved_cfg: dict, cfg, vocab_size: int, path: str, mask_id: int | None = None) -> None:
     """Refuse a checkpoint of another architecture, vocabulary or mask id, naming the mismatch."""
-    saved_model = saved_cfg["model"]
+    saved_model = upgrade_saved_config(saved_cfg)["model"]
     for key in ARCHITECTURE_KEYS:
         if key not in saved_model:  # a checkpoint of an older version, from before the key existed
             continue
+        if key == "label_combination" and not saved_model.get("num_classes"):
+            continue  # no label embedding: the combination changes nothing
         if saved_model[key] != getattr(cfg.model, key):
             raise ConfigError(f"checkpoint {path} has model.{key}={saved_model[key]!r} but this run has "
                               f"{getattr(cfg.model, key)!r}; load it with the same model settings "
@@ -456,16 +477,43 @@ def _load_sharded(template: dict, path: str) -> dict:
             from err
 
 
-def load_weights(trainer, path: str, common: dict | None = None) -> dict:
+def load_weights(trainer, path: str, common: dict | None = None, weights: str = "ema") -> dict:
     """Load only the model weights of any checkpoint (a training checkpoint or a model-only one,
     e.g. imported from Hugging Face) into the trainer's model; the optimizer's main copies follow.
-    `common` is the checkpoint's common state when the caller has read it already. Returns it."""
+    weights: `ema` loads the checkpoint's EMA weights when it has them (what it was validated
+    with), `raw` the weights the optimizer trained. `common` is the checkpoint's common state
+    when the caller has read it already. Returns it."""
     common = common if common is not None else load_common(path)
     check_compatible(common["config"] | {"vocab_size": common.get("vocab_size"), "mask_id": common.get("mask_id")},
                      trainer.cfg, trainer.vocab_size, path, getattr(trainer, "mask_id", None))
-    _load_model_state(trainer, _load_sharded(_model_sharded_state(trainer), path))
+    modules = {key: chunk.module for key, chunk in zip(_model_keys(trainer), trainer.model)}
+    load_module_weights(modules, path, use_ema=weights == "ema" and has_ema(common))
     trainer.optimizer.reload_model_params()  # the optimizer's fp32 main copies, when there are any
     return common
+
+
+def load_module_weights(modules: dict, path: str, use_ema: bool) -> None:
+    """Load the weights of checkpoint `path` into `modules` ({state key: megatron module}):
+    the trained weights, or (use_ema) the EMA weights saved under their `ema.` keys."""
+    if not use_ema:
+        loaded = _load_sharded({key: m.sharded_state_dict() for key, m in modules.items()}, path)
+        for key, module in modules.items():
+            module.load_state_dict(loaded[key])
+        return
+    pairs = []
+
+    def buffer_for(param):
+        if not isinstance(param, torch.nn.Parameter):
+            return None
+        buffer = torch.empty(param.shape, dtype=torch.float32, device=param.device)
+        pairs.append((buffer, param))
+        return buffer
+
+    template = {"ema": {key: ema_sharded(m.sharded_state_dict(), buffer_for) for key, m in modules.items()}}
+    copy_loaded(template, _load_sharded(template, path))
+    with torch.no_grad():
+        for buffer, param in pairs:
+            param.copy_(buffer)
 
 
 def load_checkpoint(trainer, path: str, common: dict | None = None) -> tuple[int, bool]:
@@ -480,10 +528,16 @@ def load_checkpoint(trainer, path: str, common: dict | None = None) -> tuple[int
     check_compatible(common["config"] | {"vocab_size": common.get("vocab_size"), "mask_id": common.get("mask_id")},
                      trainer.cfg, trainer.vocab_size, path, getattr(trainer, "mask_id", None))
     same_layout = common["layout"] == layout()
-    template = _sharded_state_dict(trainer, is_loading=True, with_rng=same_layout)
+    ema = getattr(trainer, "ema", None)
+    template = _sharded_state_dict(trainer, is_loading=True, with_rng=same_layout, with_ema=has_ema(common))
     loaded = _load_sharded(template, path)
     _load_model_state(trainer, loaded)
     trainer.optimizer.load_state_dict(loaded["optimizer"])
+    if ema is not None:
+        if "ema" in template:
+            ema.load(loaded["ema"], template["ema"], common["ema_state"])
+        else:  # EMA switched on for a run whose checkpoint has none: the average starts here
+            ema.reset()
     trainer.scheduler.load_state_dict(common["scheduler"])
     if same_layout:
         _set_rng_state(loaded["rng_state"])
@@ -502,10 +556,11 @@ def resolve_checkpoint(path: str) -> str:
                             f"or a run directory whose checkpoints/ holds one)")
 
 
-def load_model_for_inference(checkpoint: str, tp: int = 1):
+def load_model_for_inference(checkpoint: str, tp: int = 1, weights: str = "ema"):
     """The trained model of ``checkpoint`` (see :func:`resolve_checkpoint`) on one pipeline stage
     at tensor-parallel size ``tp``, for export, sampling and evaluation: the weights reshard from
-    whatever layout saved them. Initialises torch.distributed and megatron's parallel state when
+    whatever layout saved them. weights: ``ema`` (default) the EMA weights when the checkpoint
+    has them (else the trained ones), ``raw`` the weights the optimizer trained. Initialises torch.distributed and megatron's parallel state when
     needed. Returns ``(model, cfg, common, path)``: ``cfg`` is the run's config with this
     layout, ``common`` the checkpoint's non-tensor state (iteration, vocab_size, mask_id, ...)."""
     from ..config_loader import config_from_dict
@@ -514,12 +569,15 @@ def load_model_for_inference(checkpoint: str, tp: int = 1):
 
     path = resolve_checkpoint(checkpoint)
     common = load_common(path)
-    cfg = config_from_dict(common["config"])
+    cfg = config_from_dict(upgrade_saved_config(common["config"]))
     cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, cfg.parallel.sequence_parallel = tp, 1, None, False
     if not torch.distributed.is_initialized():
         initialize_distributed(tp=tp, pp=1, seed=cfg.train.seed)
     elif parallel_state.get_tensor_model_parallel_world_size() != tp:
         raise ValueError("torch.distributed is already initialised with another TP size")
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights must be ema or raw, not {weights!r}")
     model = build_model(cfg, common["vocab_size"])
-    model.load_state_dict(_load_sharded({"model": model.sharded_state_dict()}, path)["model"])
+    load_module_weights({"model": model}, path, use_ema=weights == "ema" and has_ema(common))
+    common["weights"] = "ema" if weights == "ema" and has_ema(common) else "raw"
     return model, cfg, common, path

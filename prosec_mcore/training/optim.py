@@ -72,7 +72,7 @@ def build_optimizer(model_chunks, train: TrainConfig, bf16: bool, parallel: Para
     decay_iters = max(train.iters - train.lr_warmup_iters, 1)
     scheduler = OptimizerParamScheduler(
         optimizer,
-        init_lr=0.0 if train.lr_warmup_iters > 0 else train.lr,
+        init_lr=train.lr_warmup_init if train.lr_warmup_iters > 0 else train.lr,
         max_lr=train.lr,
         min_lr=train.min_lr if train.lr_decay_style != "constant" else train.lr,
         lr_warmup_steps=train.lr_warmup_iters * train.global_batch_size,
@@ -89,7 +89,7 @@ def build_optimizer(model_chunks, train: TrainConfig, bf16: bool, parallel: Para
 # Settings that shape the LR / weight-decay schedule, and settings that fix what iteration k means
 # (the samples and the noise of a global batch are functions of the iteration, the batch size and
 # the seed: data/datasets.py, diffusion/noise.py).
-SCHEDULE_KEYS = ("lr", "min_lr", "lr_warmup_iters", "lr_decay_style", "weight_decay", "iters")
+SCHEDULE_KEYS = ("lr", "min_lr", "lr_warmup_iters", "lr_warmup_init", "lr_decay_style", "weight_decay", "iters")
 POSITION_KEYS = ("global_batch_size", "seed")
 
 

@@ -14,8 +14,8 @@ tokens/s and ETA.
 
 Public API for tools and tests: `microbatches`, `forward_backward`, `optimizer_step`,
 `train_step`, `validate`, `train`, the `objective` property, `add_gradient_hook`, `close`, and the
-attributes `model` (DDP-wrapped chunks), `optimizer`, `cfg` and `step` (the ProSeCoStep, whose
-`time_phases`/`last_timings` the benchmarks read).
+attributes `model` (DDP-wrapped chunks), `optimizer`, `cfg`, `ema` (the weights' EMA, ema.py, or
+None) and `step` (the ProSeCoStep, whose `time_phases`/`last_timings` the benchmarks read).
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ from ..perf.report import StepAccounting, startup_lines
 from ..runtime import describe_cpu_compat, initialize_distributed
 from ..runtime.init import init_weights_layout_independent
 from .checkpoint import find_latest, load_checkpoint, load_weights
+from .ema import WeightEMA
 from .health import APPLY, SKIP, STOP, HealthGuard
 from .lifecycle import RunLifecycle, StartPoint, UnhealthyTrainingError
 from .metrics_logger import MetricsLogger
@@ -112,6 +113,7 @@ class Trainer:
         self.tconfig.no_sync_func = self.model[0].no_sync if len(self.model) == 1 else [m.no_sync for m in self.model]
         self.bf16 = params_dtype(t.precision) == torch.bfloat16
         self.optimizer, self.scheduler = build_optimizer(self.model, t, self.bf16, cfg.parallel)
+        self.ema = WeightEMA(self.model, t.ema_decay, t.ema_warmup) if t.ema_decay > 0 else None
         self.accounting = StepAccounting.for_run(cfg, padded_vocab_size(self.vocab_size), world_size)
 
         o = cfg.objective
@@ -135,6 +137,8 @@ class Trainer:
         iteration = 0
         if start.kind == "pretrained":
             load_weights(self, start.path, start.common)
+            if self.ema is not None:
+                self.ema.reset()  # the average starts at the pretrained weights
         elif start.kind in ("load", "resume"):
             mode = "checkpoint"
             if not start.common.get("model_only"):
@@ -238,6 +242,10 @@ class Trainer:
               + f" mask_id {self.mask_id}", flush=True)
         print(f"[prosec] objective={cfg.objective.name} schedule={cfg.objective.schedule} | data {prefix} "
               f"(train {len(self.train_ds)} samples of {cfg.data.seq_length} tokens) | tokenizer {tok_path}", flush=True)
+        if self.ema is not None:
+            print(f"[prosec] EMA of the weights: decay {cfg.train.ema_decay}"
+                  f"{' with warm-up min(decay, (1+n)/(10+n))' if cfg.train.ema_warmup else ''}; validation, "
+                  f"sampling and export use the EMA weights", flush=True)
         print(f"[prosec] global batch {cfg.train.global_batch_size} = micro {cfg.train.micro_batch_size} x "
               f"{self.num_microbatches} accumulation x dp {self.dp_size} | run dir {cfg.run_dir}", flush=True)
 
@@ -285,6 +293,8 @@ class Trainer:
             ok, _, _ = self.optimizer.step()
             if ok:
                 self.scheduler.step(increment=self.cfg.train.global_batch_size)
+                if self.ema is not None:
+                    self._update_ema()
             else:  # fp16 loss scaling found inf/nan: megatron skipped the update itself
                 out["update"] = "skipped"
         return out
@@ -297,11 +307,27 @@ class Trainer:
         metrics.update(self.optimizer_step(iteration, metrics["loss"]))
         return metrics
 
-    def validate(self) -> dict:
+    def _update_ema(self) -> None:
+        if self.cfg.parallel.overlap_param_gather:
+            # the distributed optimizer's all-gather of the updated weights would otherwise wait
+            # for the next forward (Megatron-LM's force_param_sync): the EMA needs them now
+            for chunk in self.model:
+                chunk.start_param_sync(force_sync=True)
+        self.ema.update()
+
+    def validate(self, weights: str | None = None) -> dict:
         """Validation NELBO, its perplexity bound, the corrector's loss and NLL on the validation
-        split (evaluation/likelihood.py), the same batches and noise every time."""
-        return validation_metrics(self.step, lambda index: self.microbatches(index, "valid"),
-                                  self.noise_settings(valid=True), self.cfg.train.eval_iters)
+        split (evaluation/likelihood.py), the same batches and noise every time. weights: `ema`
+        (the default when the run keeps an EMA, as the reference validates) or `raw`."""
+        weights = weights or ("ema" if self.ema is not None else "raw")
+        if weights == "ema" and self.ema is None:
+            raise ValueError("validate(weights='ema') needs train.ema_decay > 0")
+        run = lambda: validation_metrics(self.step, lambda index: self.microbatches(index, "valid"),  # noqa: E731
+                                         self.noise_settings(valid=True), self.cfg.train.eval_iters)
+        if weights == "raw":
+            return run()
+        with self.ema.swapped_in():
+            return run()
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> None:

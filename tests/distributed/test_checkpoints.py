@@ -7,6 +7,7 @@ run restores weights, Adam state, LR schedule and RNG, and redraws the same data
 Across layouts the comparison uses the layout-equivalence tolerance (rtol 2e-5, see
 test_prosec_layouts.py): a resharded checkpoint is the same model, computed in another order.
 """
+import json
 import os
 import signal
 import subprocess
@@ -18,6 +19,10 @@ import pytest
 from tests.cli import ROOT, ok, read_metrics as metrics, run_tool
 
 KEYS = ("loss", "mdm_loss", "sc_loss", "grad_norm", "lr")
+VALID_KEYS = ("valid_nelbo", "valid_corrector_nll")  # at the last iteration: computed with the EMA weights
+# The runs that resume or reshard keep an EMA of the weights and validate with it once, at the end:
+# an EMA lost, reset or mis-sharded on the way through a checkpoint changes the validation.
+WITH_EMA = ["train.ema_decay=0.9", "train.eval_interval=4", "train.eval_iters=1"]
 
 
 def run(args, nproc=1, env=None, timeout=400):
@@ -36,7 +41,7 @@ TP2_PP2 = ["--tp", "2", "--pp", "2"]
 def continuous_run(tmp_path_factory, corpus, objective):
     """Reference: 4 uninterrupted iterations at TP=2 PP=2, saving at iteration 2."""
     run_dir = tmp_path_factory.mktemp(f"continuous_{objective}")
-    ok(run(TP2_PP2 + common(corpus, objective, run_dir, 4) + ["checkpoint.save_interval=2"], nproc=4))
+    ok(run(TP2_PP2 + common(corpus, objective, run_dir, 4) + WITH_EMA + ["checkpoint.save_interval=2"], nproc=4))
     return objective, run_dir, metrics(run_dir)
 
 
@@ -54,7 +59,7 @@ def continuous(request, tmp_path_factory, shakespeare_corpus, proseco_run):
 
 def test_stop_and_resume_is_bitwise_identical_at_tp2_pp2(continuous, tmp_path, shakespeare_corpus):
     objective, _, reference = continuous
-    args = TP2_PP2 + common(shakespeare_corpus, objective, tmp_path, 4) + ["train.exit_interval=2"]
+    args = TP2_PP2 + common(shakespeare_corpus, objective, tmp_path, 4) + WITH_EMA + ["train.exit_interval=2"]
     stopped = ok(run(args, nproc=4))
     assert "train.exit_interval=2: saved iteration 2 in" in stopped.stdout
     resumed = ok(run(args, nproc=4))  # the same command again
@@ -63,6 +68,7 @@ def test_stop_and_resume_is_bitwise_identical_at_tp2_pp2(continuous, tmp_path, s
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
     for got, want in zip(rows, reference):
         assert {k: got[k] for k in KEYS} == {k: want[k] for k in KEYS}  # bitwise, not approx
+    assert {k: rows[-1][k] for k in VALID_KEYS} == {k: reference[-1][k] for k in VALID_KEYS}
 
 
 @pytest.mark.parametrize("layout,nproc", [(["--tp", "1", "--pp", "1"], 1), (["--tp", "1", "--pp", "4"], 4),
@@ -71,7 +77,7 @@ def test_stop_and_resume_is_bitwise_identical_at_tp2_pp2(continuous, tmp_path, s
 def test_checkpoint_reshards_to_other_layouts(proseco_run, tmp_path, shakespeare_corpus, layout, nproc):
     objective, ref_dir, reference = proseco_run
     ckpt = os.path.join(ref_dir, "checkpoints", "iter_0000002")
-    result = ok(run(layout + common(shakespeare_corpus, objective, tmp_path, 4) + [f"checkpoint.load={ckpt}"],
+    result = ok(run(layout + common(shakespeare_corpus, objective, tmp_path, 4) + WITH_EMA + [f"checkpoint.load={ckpt}"],
                     nproc=nproc))
     assert "new parallel layout" in result.stdout
     rows = metrics(tmp_path)
@@ -79,6 +85,8 @@ def test_checkpoint_reshards_to_other_layouts(proseco_run, tmp_path, shakespeare
     for got, want in zip(rows, reference[2:]):  # same weights (3) and same Adam state (4)
         for key in KEYS:
             assert got[key] == pytest.approx(want[key], rel=2e-5), (got["iteration"], key)
+    for key in VALID_KEYS:  # the EMA resharded with the weights
+        assert rows[-1][key] == pytest.approx(reference[-1][key], rel=2e-5), key
 
 
 def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, shakespeare_corpus):
@@ -134,3 +142,18 @@ def test_incompatible_checkpoint_is_refused_naming_the_mismatch(proseco_run, tmp
     result = run(common(shakespeare_corpus, objective, tmp_path, 4) + [f"checkpoint.load={ckpt}", override])
     assert result.returncode == 2
     assert message in result.stderr, result.stderr[-2000:]
+
+
+def test_evaluation_uses_the_ema_weights_and_can_use_the_raw_ones(proseco_run, tmp_path):
+    """tools/evaluate_prosec.py reproduces the run's last validation (EMA weights, resharded from
+    TP2 PP2 to TP1: the layout tolerance); `--weights raw` evaluates the optimizer's weights."""
+    _, ref_dir, reference = proseco_run
+    ckpt = os.path.join(ref_dir, "checkpoints", "iter_0000004")
+    results = {}
+    for weights in ("ema", "raw"):
+        out = tmp_path / f"{weights}.json"
+        ok(run_tool("evaluate_prosec.py", ["nelbo", ckpt, "--weights", weights, "--out", str(out)]))
+        results[weights] = json.loads(out.read_text())
+        assert results[weights]["weights"] == weights
+    assert results["ema"]["valid_nelbo"] == pytest.approx(reference[-1]["valid_nelbo"], rel=2e-5)
+    assert results["raw"]["valid_nelbo"] != pytest.approx(reference[-1]["valid_nelbo"], rel=1e-3)

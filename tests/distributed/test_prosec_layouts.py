@@ -11,7 +11,8 @@ both objectives, and is compared with TP=1 PP=1 on:
   gradients (each parameter counted once: the norm clipping uses must be the norm of the
   gradients applied, whatever the layout);
 * per-step losses (total, MDM and SC terms), gradient norms, validation NELBO and corrector NLL;
-* every weight after the last step.
+* every weight after the last step, and its EMA (train.ema_decay=0.5: validation uses the EMA
+  weights, and each rank averages exactly the shards it holds).
 
 Starting point. Training starts from a *generic* point (tests/compare.py): every parameter, the
 zero-initialised adaLN gates included, is perturbed by seeded noise under its global name, so
@@ -68,6 +69,7 @@ def base_overrides(corpus, objective, run_dir):
         "train.global_batch_size=8", "train.micro_batch_size=2", "train.lr_warmup_iters=0",
         "train.eval_interval=3", "train.eval_iters=1", "train.log_interval=1",
         "checkpoint.save_at_end=false", "logging.tensorboard=false", f"run_dir={run_dir}",
+        "train.ema_decay=0.5",
     ]
 
 
@@ -93,17 +95,21 @@ def test_layout_matches_single_process(reference, layout, tmp_path, shakespeare_
     overrides = base_overrides(shakespeare_corpus, objective, tmp_path / "run") + extra
     run_distributed(WORKER, nproc=nproc, args=[json.dumps(overrides), str(tmp_path), ref_path], timeout=300)
 
-    diffs = {"grads": {}, "weights": {}}
+    diffs = {"grads": {}, "weights": {}, "ema": {}}
     for rank in range(nproc):
         with open(tmp_path / f"diff_rank{rank}.json") as f:
             for kind, values in json.load(f).items():
                 for name, value in values.items():
                     diffs[kind][name] = max(diffs[kind].get(name, 0.0), value)
     reference_names = set(torch.load(ref_path)["grads"])
-    for kind in ("grads", "weights"):
+    for kind in ("grads", "weights", "ema"):
         assert set(diffs[kind]) == reference_names, f"{layout}: {kind} of some parameters were not compared"
     name, worst = max(diffs["grads"].items(), key=lambda kv: kv[1])
     assert worst < GRAD_RTOL, f"{layout}: gradient of {name} differs by {worst:.2e} (relative) before the optimizer"
+
+    for kind in ("weights", "ema"):
+        name, worst = max(diffs[kind].items(), key=lambda kv: kv[1])
+        assert worst < WEIGHT_RTOL, f"{layout}: {kind} of {name} differs by {worst:.2e} (relative)"
 
     metrics = read_metrics(tmp_path / "run")
     assert len(metrics) == len(ref_metrics) == 3
@@ -116,5 +122,3 @@ def test_layout_matches_single_process(reference, layout, tmp_path, shakespeare_
     if objective == "proseco":
         assert all(m["sc_loss"] > 0 for m in metrics)
 
-    name, worst = max(diffs["weights"].items(), key=lambda kv: kv[1])
-    assert worst < WEIGHT_RTOL, f"{layout}: weight {name} differs by {worst:.2e} (relative)"
