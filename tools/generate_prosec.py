@@ -8,11 +8,18 @@
     python tools/generate_prosec.py runs/qm9-mdlm --sampler remdm --steps 32 --eta 0.05
     python tools/generate_prosec.py runs/a --sampler semi_ar --block-length 16 --threshold 0.9
     python tools/generate_prosec.py hf_out/ --hf --sampler proseco --steps 32 --corrector-steps 1
+    # the reference's OpenWebText evaluation: nucleus sampling with p = 0.9, T = L
+    python tools/generate_prosec.py runs/owt --steps 1024 --corrector-steps 1 --top-p 0.9
     # tensor parallel (checkpoints reshard on load; sampling needs PP=1), data parallel over the rest
     torchrun --nproc-per-node 4 tools/generate_prosec.py runs/a --tp 2 --num-samples 256
 
 --prompt fixes a prefix (text); --template fixes any positions: a string as long as the sequence
 in which --blank (default "_") marks the positions to generate (infilling).
+
+The defaults follow the paper authors' sampler (docs/sampling.md): the EMA weights, output reuse
+after a step that unmasked nothing (--cache-rule reference), the corrector fed sigma(tau_j)
+(--corrector-time tau) and, under guidance, run on the conditional model (--corrector-guidance
+conditional); the alternatives are options.
 
 Writes --out (JSON lines: one {"index", "text", "tokens"} per sample) and <out>.summary.json
 (sampler settings, NFE totals and per batch, timings), and prints where they are.
@@ -46,7 +53,19 @@ def parse_args(argv=None):
     p.add_argument("--corrector-mode", default="argmax", choices=("argmax", "sample", "top_k"))
     p.add_argument("--top-k", type=int, default=1, help="positions changed per evaluation (top_k)")
     p.add_argument("--no-early-stop", action="store_true", help="always spend S evaluations")
-    p.add_argument("--no-cache", action="store_true", help="never reuse an unchanged input's output")
+    p.add_argument("--corrector-time", default="tau", choices=("tau", "t"),
+                   help="the corrector's time input: sigma(tau_j), tau from 1 towards 0 within a loop "
+                        "(the reference), or the current step's sigma(t)")
+    p.add_argument("--corrector-guidance", default="conditional", choices=("conditional", "guided"),
+                   help="with --guidance: the corrector runs on the conditional model and the step after it "
+                        "is unguided (the reference), or everything is guided")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: draw only from the most likely tokens up to cumulative probability p "
+                        "(1: off; the reference's OpenWebText evaluation uses 0.9)")
+    p.add_argument("--cache-rule", default="reference", choices=("reference", "exact"),
+                   help="reuse an output after a step that unmasked nothing (the reference), or only for the "
+                        "same input of a model that ignores sigma (exact)")
+    p.add_argument("--no-cache", action="store_true", help="never reuse an output")
     p.add_argument("--eta", type=float, default=0.02, help="ReMDM remasking cap")
     p.add_argument("--block-length", type=int, default=8, help="semi_ar block size")
     p.add_argument("--threshold", type=float, default=0.9, help="semi_ar confidence threshold")
@@ -61,6 +80,8 @@ def parse_args(argv=None):
                    help="class label of a label-conditioned model (model.num_classes > 0)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance strength gamma with --label (1: plain conditional)")
+    p.add_argument("--weights", default="ema", choices=("ema", "raw"),
+                   help="a checkpoint's EMA weights when it has them (else the trained ones), or the trained weights")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--out", default=None, help="default: <run dir>/samples/<sampler>_T<steps>_s<seed>.jsonl")
     return p.parse_args(argv)
@@ -122,6 +143,14 @@ def output_path(args) -> str:
     return os.path.join(base, "samples", f"{args.sampler}_T{args.steps}_s{args.seed}.jsonl")
 
 
+def check_options(args) -> None:
+    """Options that are wrong whatever the model: refused before anything is loaded."""
+    if not 0.0 < args.top_p <= 1.0:
+        raise UserInputError(f"--top-p must be in (0, 1] (1: off), got {args.top_p:g}")
+    if args.hf and args.weights != "ema":
+        raise UserInputError("--weights applies to distributed checkpoints; a HF folder holds one set of weights")
+
+
 def check_model(args) -> str:
     """The HF folder or the checkpoint directory to load, once its files are known to be readable:
     a missing or damaged file is then named in one line, not in a loader's traceback."""
@@ -139,7 +168,7 @@ def load_model(args, source: str):
     if args.hf:
         return load_from_hf(source, seq_length=args.length)
     with reading_checkpoint(source):
-        return load_from_checkpoint(source, tp=args.tp)
+        return load_from_checkpoint(source, tp=args.tp, weights=args.weights)
 
 
 @exits_on_user_error
@@ -149,6 +178,7 @@ def main(argv=None) -> int:
 
     quiet_known_warnings()
     # the inputs first, before the slow imports and the work: a bad path fails at once
+    check_options(args)
     path = writable_file(output_path(args), "--out")
     source = check_model(args)
     import torch
@@ -156,10 +186,11 @@ def main(argv=None) -> int:
     from prosec_mcore.sampling import CorrectorSettings, SamplerSpec, generate
 
     with user_input_errors(ValueError):  # here a ValueError is about the options or the model given
-        spec = SamplerSpec(args.sampler, args.steps,
-                           CorrectorSettings(args.corrector_steps, args.corrector_every, args.corrector_mode,
-                                             args.top_k, not args.no_early_stop),
-                           not args.no_cache, args.eta, args.block_length, args.threshold)
+        corrector = CorrectorSettings(args.corrector_steps, args.corrector_every, args.corrector_mode, args.top_k,
+                                      not args.no_early_stop, time=args.corrector_time,
+                                      guidance=args.corrector_guidance)
+        spec = SamplerSpec(args.sampler, args.steps, corrector, not args.no_cache, args.eta, args.block_length,
+                           args.threshold, top_p=args.top_p, cache_rule=args.cache_rule)
         loaded = load_model(args, source)
         length = args.length or loaded.seq_length
         prompt, fixed = build_prompt(args, loaded.tokenizer, length)
@@ -178,7 +209,8 @@ def main(argv=None) -> int:
                   flush=True)
 
     if rank == 0:
-        print(f"[generate] {loaded.source} | {spec.describe()} | {args.num_samples} samples x {length} tokens "
+        print(f"[generate] {loaded.source} ({loaded.weights or 'HF'} weights) | {spec.describe()} "
+              f"| {args.num_samples} samples x {length} tokens "
               f"| seed {args.seed} | world {world} (tp {args.tp}, dp {dp_size})", flush=True)
     start = time.time()
     out = generate(spec, denoiser, loaded.schedule, args.num_samples, args.batch_size, length,
@@ -198,7 +230,7 @@ def main(argv=None) -> int:
     totals = {k: sum(p["stats"][k] for p in parts) for k in ("nfe", "nfe_unmask", "nfe_correct",
                                                              "corrector_loops", "early_stops", "batches")}
     n_batches = max(totals["batches"], 1)
-    summary = {"model": loaded.source, "iteration": loaded.iteration, **spec.describe(),
+    summary = {"model": loaded.source, "iteration": loaded.iteration, "weights": loaded.weights, **spec.describe(),
                "num_samples": len(tokens), "batch_size": args.batch_size, "length": length, "seed": args.seed,
                **totals, **{f"{k}_per_batch": totals[k] / n_batches for k in ("nfe", "nfe_unmask", "nfe_correct")},
                "seconds": round(time.time() - start, 2), "prompt": args.prompt, "template": args.template,

@@ -7,17 +7,20 @@ loops), ReMDM remasking, semi-autoregressive blocks and classifier-free guidance
     denoiser.py    the network as samplers see it (megatron model, HF model, any function)
     generate.py    many samples in seeded batches, shared across data-parallel ranks
     loading.py     a denoiser from a distributed checkpoint or a Hugging Face folder
+
+docs/sampling.md: every sampler option, the reference's defaults and the alternatives.
 """
 
 from .denoiser import Denoiser, FunctionDenoiser, hf_denoiser, megatron_denoiser
 from .generate import SAMPLERS, SamplerSpec, generate, run_sampler
 from .guidance import GuidedDenoiser
-from .samplers import SampleResult, sample_mdlm, sample_proseco, sample_remdm, sample_semi_ar
-from .steps import CORRECTOR_MODES, CorrectorSettings, corrector_loop, unmask_step
+from .samplers import CACHE_RULES, SampleResult, sample_mdlm, sample_proseco, sample_remdm, sample_semi_ar
+from .steps import (CORRECTOR_GUIDANCE, CORRECTOR_MODES, CORRECTOR_TIMES, CorrectorSettings, corrector_loop,
+                    top_p_filter, unmask_step)
 
 __all__ = [
-    "CORRECTOR_MODES", "CorrectorSettings", "Denoiser", "FunctionDenoiser", "GuidedDenoiser",
-    "SAMPLERS", "SampleResult", "SamplerSpec", "corrector_loop", "generate", "hf_denoiser",
-    "megatron_denoiser", "run_sampler", "sample_mdlm", "sample_proseco", "sample_remdm",
-    "sample_semi_ar", "unmask_step",
+    "CACHE_RULES", "CORRECTOR_GUIDANCE", "CORRECTOR_MODES", "CORRECTOR_TIMES", "CorrectorSettings", "Denoiser",
+    "FunctionDenoiser", "GuidedDenoiser", "SAMPLERS", "SampleResult", "SamplerSpec", "corrector_loop", "generate",
+    "hf_denoiser", "megatron_denoiser", "run_sampler", "sample_mdlm", "sample_proseco", "sample_remdm",
+    "sample_semi_ar", "top_p_filter", "unmask_step",
 ]

@@ -11,7 +11,9 @@ token ids ``[B, L]`` (masked, partly masked or fully unmasked sequences) and the
   not distorted by rounding.
 
 ``time_conditioned`` says whether the output depends on sigma; when it does not (LLaDA-style
-models and the DiT fed sigma = 0), a sampler may reuse the last output for an unchanged input.
+models and the DiT fed sigma = 0), the last output for an unchanged input is exactly what a new
+evaluation would give (the samplers' ``exact`` cache rule relies on it; their default, the
+reference's rule, reuses outputs whatever the model: docs/sampling.md).
 ``evals_per_call`` is the number of network evaluations one call costs (2 under classifier-free
 guidance), which is what the NFE counters add up.
 

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from ..diffusion.noise import STREAM_SAMPLING, mix_seed
-from .samplers import SampleResult, sample_proseco, sample_remdm, sample_semi_ar
+from .samplers import CACHE_RULES, SampleResult, sample_proseco, sample_remdm, sample_semi_ar
 from .steps import CorrectorSettings
 
 SAMPLERS = ("mdlm", "proseco", "remdm", "semi_ar")
@@ -23,24 +23,32 @@ SAMPLERS = ("mdlm", "proseco", "remdm", "semi_ar")
 
 @dataclass
 class SamplerSpec:
-    """Which sampler, and its knobs. ``corrector`` is used by ``proseco`` only."""
+    """Which sampler, and its knobs (docs/sampling.md). ``corrector`` is used by ``proseco`` only."""
 
     sampler: str = "proseco"
     steps: int = 32                # T unmasking steps (mdlm, proseco, remdm)
     corrector: CorrectorSettings = field(default_factory=CorrectorSettings)
-    use_cache: bool = True         # mdlm/proseco: reuse the output for an unchanged input
+    use_cache: bool = True         # mdlm/proseco: reuse an output when allowed (cache_rule)
     eta: float = 0.02              # remdm
     block_length: int = 8          # semi_ar
     threshold: float = 0.9         # semi_ar
+    top_p: float = 1.0             # mdlm/proseco/remdm: nucleus sampling, 1 = off (reference OWT: 0.9)
+    cache_rule: str = "reference"  # mdlm/proseco: "reference" or "exact" (samplers.sample_proseco)
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}: choose one of {SAMPLERS}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.cache_rule not in CACHE_RULES:
+            raise ValueError(f"cache rule {self.cache_rule!r}: choose one of {CACHE_RULES}")
 
     def describe(self) -> dict:
         d = {"sampler": self.sampler}
         if self.sampler in ("mdlm", "proseco", "remdm"):
-            d["steps"] = self.steps
+            d.update(steps=self.steps, top_p=self.top_p)
+        if self.sampler in ("mdlm", "proseco"):
+            d["cache"] = self.cache_rule if self.use_cache else "off"
         if self.sampler == "proseco":
             d.update({f"corrector_{k}": v for k, v in asdict(self.corrector).items()})
         if self.sampler == "remdm":
@@ -57,10 +65,11 @@ def run_sampler(spec: SamplerSpec, denoiser, schedule, batch_size: int, length: 
     if spec.sampler in ("mdlm", "proseco"):
         corrector = spec.corrector if spec.sampler == "proseco" else None
         return sample_proseco(denoiser, schedule, batch_size, length, spec.steps, generator,
-                              corrector, use_cache=spec.use_cache, **common)
+                              corrector, use_cache=spec.use_cache, top_p=spec.top_p,
+                              cache_rule=spec.cache_rule, **common)
     if spec.sampler == "remdm":
         return sample_remdm(denoiser, schedule, batch_size, length, spec.steps, generator,
-                            eta=spec.eta, **common)
+                            eta=spec.eta, top_p=spec.top_p, **common)
     return sample_semi_ar(denoiser, schedule, batch_size, length, spec.block_length, generator,
                           threshold=spec.threshold, **common)
 

@@ -25,17 +25,22 @@ class LoadedModel:
     source: str
     config: object = None      # the training run's Config (megatron checkpoints)
     iteration: int | None = None
+    weights: str | None = None  # "ema" or "raw": which weights a megatron checkpoint gave
 
 
-def load_from_checkpoint(checkpoint: str, tp: int = 1) -> LoadedModel:
+def load_from_checkpoint(checkpoint: str, tp: int = 1, weights: str = "ema") -> LoadedModel:
     """Build the model at tensor-parallel size ``tp`` (PP 1) and load ``checkpoint`` (a
     checkpoint directory, or a run/save directory whose latest complete checkpoint is used).
-    Initialises torch.distributed and megatron's parallel state if needed."""
+    ``weights``: ``ema`` (default, as the reference samples) the checkpoint's EMA weights when it
+    has them, else the trained ones; ``raw`` the trained weights. Initialises torch.distributed
+    and megatron's parallel state if needed."""
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights must be ema or raw, not {weights!r}")
     from ..data import build_tokenizer
     from ..training.checkpoint import load_model_for_inference
     from ..training.trainer import resolve_data_paths
 
-    model, cfg, common, path = load_model_for_inference(checkpoint, tp)
+    model, cfg, common, path = load_model_for_inference(checkpoint, tp, weights=weights)
     vocab = common["vocab_size"]
     _, tok_path = resolve_data_paths(cfg)
     tokenizer = build_tokenizer(cfg.data.tokenizer.kind, tok_path)
@@ -45,7 +50,7 @@ def load_from_checkpoint(checkpoint: str, tp: int = 1) -> LoadedModel:
     o = cfg.objective
     return LoadedModel(megatron_denoiser(model, tokenizer.vocab_size, tokenizer.mask_id),
                        build_schedule(o.schedule, o.schedule_eps), tokenizer, cfg.data.seq_length,
-                       path, cfg, common.get("iteration"))
+                       path, cfg, common.get("iteration"), common.get("weights", weights))
 
 
 def load_from_hf(folder: str, schedule: str = "loglinear", schedule_eps: float = 1e-3,

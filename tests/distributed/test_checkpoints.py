@@ -156,4 +156,6 @@ def test_evaluation_uses_the_ema_weights_and_can_use_the_raw_ones(proseco_run, t
         results[weights] = json.loads(out.read_text())
         assert results[weights]["weights"] == weights
     assert results["ema"]["valid_nelbo"] == pytest.approx(reference[-1]["valid_nelbo"], rel=2e-5)
-    assert results["raw"]["valid_nelbo"] != pytest.approx(reference[-1]["valid_nelbo"], rel=1e-3)
+    # after 4 updates the EMA (decay 0.9 with warm-up) is 1e-3 (relative) from the raw weights' NELBO:
+    # 50x the layout tolerance, so the raw evaluation is told apart
+    assert results["raw"]["valid_nelbo"] != pytest.approx(reference[-1]["valid_nelbo"], rel=2e-4)

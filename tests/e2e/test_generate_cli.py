@@ -54,11 +54,17 @@ def test_samples_identical_across_tp_and_dp(trained, tmp_path):
 def test_prompt_is_kept_and_bad_prompt_is_refused(trained, tmp_path):
     out = tmp_path / "prompted.jsonl"
     cli("generate_prosec.py", [str(trained), "--sampler", "mdlm", "--steps", "4", "--num-samples", "2",
-                               "--batch-size", "2", "--prompt", "ROMEO:", "--out", str(out)])
-    rows, _ = read_samples(out)
+                               "--batch-size", "2", "--prompt", "ROMEO:", "--top-p", "0.9", "--weights", "raw",
+                               "--cache-rule", "exact", "--out", str(out)])
+    rows, summary = read_samples(out)
     assert all(r["text"].startswith("ROMEO:") for r in rows)
+    assert summary["weights"] == "raw" and summary["top_p"] == 0.9 and summary["cache"] == "exact"
     bad = run_tool("generate_prosec.py", [str(trained), "--prompt", "word " * 64])
     assert bad.returncode == 2 and "prompt has" in bad.stderr and "Traceback" not in bad.stderr
+    for option, value in (("--top-p", "0"), ("--top-p", "1.5")):  # refused before the model loads
+        bad = run_tool("generate_prosec.py", [str(trained), option, value])
+        lines = bad.stderr.strip().splitlines()
+        assert bad.returncode == 2 and lines == [f"error: --top-p must be in (0, 1] (1: off), got {value}"], lines
 
 
 def test_hf_export_samples_like_the_megatron_model(trained, tmp_path):

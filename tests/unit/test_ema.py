@@ -82,3 +82,21 @@ def test_label_combination_formulas(combination):
     label_part = emb.label_embedding(labels)
     want = F.silu(time_part) + F.silu(label_part) if combination == "silu_sum" else F.silu(time_part + label_part)
     torch.testing.assert_close(emb(sigma, labels), want, rtol=0, atol=0)
+
+
+def test_a_checkpoint_is_refused_by_a_run_with_the_other_label_combination():
+    """Checkpoints from before model.label_combination existed were trained with sum_silu."""
+    from prosec_mcore.config import ConfigError
+    from prosec_mcore.config_loader import config_to_dict, load_config
+    from prosec_mcore.training.checkpoint import check_compatible, upgrade_saved_config
+
+    run = load_config(["model.num_classes=2"])  # default silu_sum
+    saved = config_to_dict(run)
+    del saved["model"]["label_combination"]  # an older checkpoint
+    assert upgrade_saved_config(saved)["model"]["label_combination"] == "sum_silu"
+    with pytest.raises(ConfigError, match="model.label_combination='sum_silu' but this run has 'silu_sum'"):
+        check_compatible(saved, run, 100, "ckpt")
+    check_compatible(saved, load_config(["model.num_classes=2", "model.label_combination=sum_silu"]), 100, "ckpt")
+    unlabelled = config_to_dict(load_config([]))  # no label embedding: nothing to refuse
+    del unlabelled["model"]["label_combination"]
+    check_compatible(unlabelled, load_config([]), 100, "ckpt")

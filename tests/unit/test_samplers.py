@@ -58,12 +58,136 @@ def test_mdlm_only_ever_unmasks_and_ends_without_masks():
 
 def test_nfe_matches_schedule_and_cache_reuses_unchanged_inputs():
     _, den = toy(time_conditioned=True)
-    assert sample_mdlm(den, SCHEDULE, 2, L, 64, gen()).nfe == 64  # sigma changes: no reuse
+    # the exact rule: sigma changes every step, so a time-conditioned model is always evaluated
+    assert sample_mdlm(den, SCHEDULE, 2, L, 64, gen(), cache_rule="exact").nfe == 64
     net, den = toy(time_conditioned=False)
     out = sample_mdlm(den, SCHEDULE, 2, L, 64, gen())
     distinct = len({tuple(x.flatten().tolist()) for x in net.inputs})
     assert out.nfe == den.calls == distinct < 64  # 64 steps for 32 tokens: many steps change nothing
     assert sample_mdlm(den, SCHEDULE, 2, L, 64, gen(), use_cache=False).nfe == 64
+    exact = sample_mdlm(den, SCHEDULE, 2, L, 64, gen(), cache_rule="exact")
+    assert torch.equal(exact.tokens, out.tokens) and exact.nfe == out.nfe  # same rule without a corrector
+
+
+def test_reference_cache_rule_reuses_for_time_conditioned_models_too():
+    net, den = toy(time_conditioned=True)
+    out = sample_mdlm(den, SCHEDULE, 2, L, 64, gen())
+    masks = [int((x == MASK).sum()) for x in net.inputs]
+    assert out.nfe == len(masks) < 64  # a step that unmasked nothing leaves its output to the next
+    assert all(a > b for a, b in zip(masks, masks[1:]))  # so every evaluation sees a new sequence
+
+
+def test_after_a_corrector_loop_the_reference_rule_unmasks_from_its_output():
+    """T > L: many steps unmask nothing. The reference rule then draws the next step from the
+    corrector's output (no evaluation); the exact rule evaluates the corrected sequence."""
+    settings = CorrectorSettings(steps=2, every=1)
+    counts = {}
+    for rule in ("reference", "exact"):
+        net, den = toy(time_conditioned=False)
+        out = sample_proseco(den, SCHEDULE, 1, L, 48, gen(3), settings, cache_rule=rule)
+        masks = [int((x == MASK).sum()) for x in net.inputs if bool((x == MASK).any())]
+        counts[rule] = (out.nfe_unmask, masks)
+    reference, exact = counts["reference"], counts["exact"]
+    assert all(a > b for a, b in zip(reference[1], reference[1][1:]))
+    assert any(a == b for a, b in zip(exact[1], exact[1][1:]))  # the same masks, evaluated again
+    assert reference[0] < exact[0]
+
+
+def test_top_p():
+    net, den = toy()
+    plain = sample_mdlm(den, SCHEDULE, 3, L, 8, gen(5))
+    assert torch.equal(sample_mdlm(den, SCHEDULE, 3, L, 8, gen(5), top_p=1.0).tokens, plain.tokens)
+    assert not torch.equal(sample_mdlm(den, SCHEDULE, 3, L, 8, gen(5), top_p=0.5).tokens, plain.tokens)
+    # a tiny p keeps only the most likely token: every unmasked token is the argmax of its step
+    net.inputs.clear()
+    greedy = sample_mdlm(den, SCHEDULE, 3, L, 8, gen(5), top_p=1e-9, use_cache=False)
+    for before, after in zip(net.inputs, net.inputs[1:] + [greedy.tokens]):
+        new = (before == MASK) & (after != MASK)
+        assert torch.equal(after[new], den(before, torch.zeros(3)).argmax(-1)[new])
+    # the corrector's draws are filtered too: a sampling corrector at a tiny p is the argmax one
+    _, den = toy()
+    draft = torch.zeros(2, L, dtype=torch.long)
+    sampled = corrector_loop(den, draft, torch.zeros(2), CorrectorSettings(steps=3, mode="sample"), gen(), top_p=1e-9)
+    argmax = corrector_loop(den, draft, torch.zeros(2), CorrectorSettings(steps=3), gen())
+    assert torch.equal(sampled.tokens, argmax.tokens)
+    remdm = sample_remdm(den, SCHEDULE, 2, L, 6, gen(), eta=0.3, top_p=0.5).tokens
+    assert not bool((remdm == MASK).any())
+    assert not torch.equal(remdm, sample_remdm(den, SCHEDULE, 2, L, 6, gen(), eta=0.3).tokens)
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="top_p"):
+            SamplerSpec(top_p=bad)
+        with pytest.raises(ValueError, match="top_p"):
+            sample_mdlm(den, SCHEDULE, 1, L, 4, gen(), top_p=bad)
+
+
+def test_corrector_time_input_tau_or_t():
+    seen = []
+
+    def fn(tokens, sigma):
+        if not bool((tokens == MASK).any()):  # a corrector input (a draft has no masks)
+            seen.append(float(sigma[0]))
+        return ToyNetwork()(tokens, sigma)
+
+    den = FunctionDenoiser(fn, V, MASK, time_conditioned=True)
+    for time in ("tau", "t"):
+        seen.clear()
+        sample_proseco(den, SCHEDULE, 2, L, 4, gen(), CorrectorSettings(steps=3, every=2, early_stop=False, time=time))
+        assert len(seen) == 6  # two loops (after steps 2 and 4) of three evaluations
+        if time == "tau":  # tau_j = 1, 1 - (1 - 1e-5)/3, 1 - 2 (1 - 1e-5)/3 in every loop
+            taus = torch.tensor([1.0, 1 - (1 - 1e-5) / 3, 1 - 2 * (1 - 1e-5) / 3], dtype=torch.float64)
+            assert seen == pytest.approx(SCHEDULE.sigma(taus).tolist() * 2, rel=1e-12)
+        else:  # the sigma of the step each loop runs at: t = 3/4, then 1/4
+            steps_t = torch.tensor([0.75, 0.25], dtype=torch.float64)
+            assert seen == pytest.approx([float(x) for x in SCHEDULE.sigma(steps_t) for _ in range(3)], rel=1e-12)
+    with pytest.raises(ValueError, match="corrector time"):
+        CorrectorSettings(time="sigma")
+
+
+def test_corrector_guidance_conditional_or_guided():
+    net = ToyNetwork()
+    labels_seen = []
+
+    def fn(tokens, sigma, labels):
+        if not bool((tokens == MASK).any()):
+            labels_seen.append(int(labels[0]))
+        return net(tokens, sigma, labels)
+
+    base = FunctionDenoiser(fn, V, MASK, conditional=True)
+    guided = GuidedDenoiser(base, torch.tensor([3]), null_label=9, gamma=2.0)
+    runs = {}
+    for mode in ("conditional", "guided"):
+        labels_seen.clear()
+        settings = CorrectorSettings(steps=2, every=2, early_stop=False, guidance=mode)
+        runs[mode] = sample_proseco(guided, SCHEDULE, 2, L, 4, gen(), settings, use_cache=False)
+        assert runs[mode].nfe_unmask == 2 * 4  # guided unmasking steps cost two evaluations
+        if mode == "conditional":  # the corrector runs on the conditional model: one evaluation each
+            assert set(labels_seen) == {3} and runs[mode].nfe_correct == 2 * 2
+        else:
+            assert set(labels_seen) == {3, 9} and runs[mode].nfe_correct == 2 * 2 * 2
+    assert not torch.equal(runs["conditional"].tokens, runs["guided"].tokens)
+    with pytest.raises(ValueError, match="corrector guidance"):
+        CorrectorSettings(guidance="none")
+
+
+def test_sampling_corrector_reuses_the_output_of_an_unchanged_draft():
+    # one-hot logits that ignore the input: every draw is the target, so after the first update
+    # the draft never changes and each further draw reuses the output (no evaluation)
+    target = torch.randint(0, MASK, (L,), generator=gen(7))
+    position_logits = torch.nn.functional.one_hot(target, V) * 1e4
+    den = FunctionDenoiser(lambda tokens, sigma: position_logits.expand(tokens.shape[0], L, V), V, MASK)
+    draft = torch.zeros(2, L, dtype=torch.long)
+    loop = corrector_loop(den, draft, torch.zeros(2), CorrectorSettings(steps=5, mode="sample"), gen())
+    assert loop.evaluations == 2 and torch.equal(loop.tokens, target.expand(2, L))
+    always = corrector_loop(den, draft, torch.zeros(2), CorrectorSettings(steps=5, mode="sample", early_stop=False),
+                            gen())
+    assert always.evaluations == 5 and torch.equal(always.tokens, loop.tokens)
+
+
+def test_load_from_checkpoint_refuses_unknown_weights():
+    from prosec_mcore.sampling.loading import load_from_checkpoint
+
+    with pytest.raises(ValueError, match="ema or raw"):
+        load_from_checkpoint("/nonexistent", weights="best")
 
 
 def test_proseco_with_zero_corrector_steps_is_mdlm_draw_for_draw():
