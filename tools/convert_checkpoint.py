@@ -1,14 +1,17 @@
 """Convert ProSeCo checkpoints between megatron-core dist checkpoints and Hugging Face folders.
 
     # any TP/PP layout -> a folder for AutoModelForMaskedLM.from_pretrained(path, trust_remote_code=True)
+    # (EMA weights when the checkpoint has them; dtype: the checkpoint's, e.g. bf16 for bf16 runs)
     python tools/convert_checkpoint.py export --checkpoint runs/b/checkpoints --out hf/proseco-tiny
+    python tools/convert_checkpoint.py export --checkpoint runs/b --out hf/b-fp32 --dtype fp32 --weights raw
     # a Hugging Face folder (e.g. a kuleshov-group/proseco-owt or GSAI-ML/LLaDA-8B-Base download)
     # -> a model-only checkpoint to train from (fresh optimizer, iteration 0); prints the overrides
     python tools/convert_checkpoint.py import --hf hf/LLaDA-8B-Base --out runs/from-llada/checkpoints
 
 Families supported: the DiT of the ProSeCo / MDLM reference checkpoints (model.style=dit,
 model.time_conditioning=adaln, ffn = 4 x hidden) and the Llama-style LLaDA (model.style=llama,
-model.time_conditioning=none). README: "Starting from LLaDA weights".
+model.time_conditioning=none). Settings of a folder that the megatron model does not implement
+are refused by name. docs/hf.md: ids, dtype, sharding, refusals, memory.
 """
 import argparse
 import shlex
@@ -40,6 +43,13 @@ def main(argv=None) -> int:
     exp = sub.add_parser("export", help="dist checkpoint -> Hugging Face folder")
     exp.add_argument("--checkpoint", required=True, help="checkpoint dir, or a run dir / save dir (its latest)")
     exp.add_argument("--out", required=True)
+    exp.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                     help="dtype of the written weights (default: the source's for an imported checkpoint, "
+                          "else the one the checkpoint stores, e.g. bf16 for bf16 runs)")
+    exp.add_argument("--weights", choices=("ema", "raw"), default="ema",
+                     help="ema: the checkpoint's EMA weights when it has them (default); raw: the trained weights")
+    exp.add_argument("--max-shard-size", default="5GB",
+                     help="largest safetensors file; bigger models are sharded with an index (default 5GB)")
     imp = sub.add_parser("import", help="Hugging Face folder -> model-only dist checkpoint")
     imp.add_argument("--hf", required=True)
     imp.add_argument("--out", required=True, help="save dir to create (then train with checkpoint.pretrained=...)")
@@ -52,21 +62,30 @@ def main(argv=None) -> int:
     # do not fit the model, a run tokenizer that does not load)
     with user_input_errors(ValueError):
         if args.command == "export":
-            export(args.checkpoint, args.out)
+            export(args.checkpoint, args.out, args.dtype, args.weights, args.max_shard_size)
         else:
             import_(args.hf, args.out)
     return 0
 
 
-def export(checkpoint: str, out: str) -> None:
+def export(checkpoint: str, out: str, dtype=None, weights: str = "ema", max_shard_size: str = "5GB") -> None:
     writable_dir(out, "--out")
+    from prosec_mcore.hf.shards import parse_size
+
+    try:
+        parse_size(max_shard_size)
+    except ValueError as err:
+        raise UserInputError(f"--max-shard-size: {err}") from None
     path = check_checkpoint(checkpoint)  # a missing or damaged file: one line naming it
     from prosec_mcore.hf.convert import export_to_hf
 
     with reading_checkpoint(path):
-        info = export_to_hf(path, out)
-    print(f"[prosec] exported {info['checkpoint']} (iteration {info['iteration']}, {info['tensors']} tensors) "
+        info = export_to_hf(path, out, dtype=dtype, weights=weights, max_shard_size=max_shard_size)
+    print(f"[prosec] exported {info['checkpoint']} (iteration {info['iteration']}, {info['tensors']} tensors, "
+          f"{info['dtype']}, {len([f for f in info['files'] if f.endswith('.safetensors')])} shard(s)) "
           f"to {info['out_dir']}")
+    ids = ", ".join(f"{k.replace('_token_id', '')} {v}" for k, v in info["ids"].items() if v is not None)
+    print(f"[prosec] token ids in config.json and generation_config.json: {ids or 'none known'}")
     if info["tokenizer"] is None:
         print("[prosec] warning: the run's tokenizer was not found; add its files to the folder yourself")
     print(f"[prosec] load it with AutoModelForMaskedLM.from_pretrained('{info['out_dir']}', trust_remote_code=True)")
@@ -85,7 +104,10 @@ def import_(hf_dir: str, out: str) -> None:
         what = err.args[0] if err.args else ""
         raise UserInputError(f"{hf_dir}: {what}" if " " in str(what) else
                              f"{hf_dir}/config.json has no {what!r} entry; is it a supported model?") from None
-    print(f"[prosec] imported {hf_dir} into {info['checkpoint']}")
+    print(f"[prosec] imported {hf_dir} ({info['dtype']}) into {info['checkpoint']}")
+    if not info["tokenizer"]:
+        print(f"[prosec] warning: {hf_dir} has no tokenizer.json; train with the tokenizer the model was trained "
+              f"with (data.tokenizer.*)")
     # initial weights, not a resume point: a requeued run continues from its own checkpoints
     words = [f"checkpoint.pretrained={info['checkpoint']}"] + info["overrides"]
     print(f"[prosec] train from it with: {' '.join(map(shell_word, words))}")

@@ -1,45 +1,52 @@
 """Convert between distributed checkpoints and Hugging Face folders (DiT and LLaDA families).
 
 export: a dist checkpoint saved at any TP/PP/DP layout is loaded into one TP=1 PP=1 model
-        (dist_checkpointing reshards), mapped by dit_bridge.py, and written as a folder that
-        `AutoModelForMaskedLM.from_pretrained(path, trust_remote_code=True)` loads:
-        config.json, model.safetensors, configuration_/modeling_proseco.py, tokenizer files.
+        (dist_checkpointing reshards; its EMA weights by default), mapped by the family's bridge
+        one tensor at a time, and written as a folder that
+        `AutoModelForMaskedLM.from_pretrained(path, trust_remote_code=True)` loads (LLaDA also
+        with AutoModel / AutoModelForCausalLM, as on the hub): config.json, generation_config.json,
+        safetensors (sharded with an index past `max_shard_size`), the modeling files, the
+        tokenizer files. dtype: the one asked for; by default the source's for a checkpoint
+        imported from Hugging Face, else the one the checkpoint stores its weights in (bf16 for
+        bf16 runs).
 import: a Hugging Face folder becomes a model-only dist checkpoint (iteration 0) that a
         training run starts from with `checkpoint.pretrained=<dir>` (fresh optimizer, iteration 0;
-        a requeued run then resumes from its own checkpoints).
-        When the folder holds tokenizer.json, the printed overrides point training at it and name
-        its special tokens by the ids of config.json (mask_token_id, eos_token_id, pad_token_id):
-        LLaDA-8B's mask is "<|mdm_mask|>" (126336), in the middle of its vocabulary, and its 126464
-        rows exceed the tokenizer's ids; the checkpoint records the mask id so that a run with
-        another tokenizer is refused.
+        a requeued run then resumes from its own checkpoints). The folder's config.json is read
+        as its family's code reads it (defaults, derived fields), and every setting the megatron
+        model does not implement is refused by name. The weights stream in one tensor at a time
+        into the model, so the host holds the model plus one tensor, never a second copy.
+        The checkpoint records the source (`hf_source`: config.json, generation_config.json,
+        dtype) and its config the folder's tokenizer, so that exporting it again reproduces
+        the folder: ids, dtype, tokenizer files.
+
+tokens.py handles the tokenizer and the special ids, shards.py the safetensors files.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 
 import torch
 from megatron.core import dist_checkpointing
 
-from ..config import Config
 from ..config_loader import config_to_dict, load_config
-from ..model.builder import build_model, padded_vocab_size
+from ..model.builder import build_model
 from ..training.checkpoint import checkpoint_name, is_complete, layout, load_model_for_inference, mark_complete
 from ..training.save_processes import saving
-from . import dit_bridge, llada_bridge
+from . import dit_bridge, llada_bridge, shards, tokens
 
 HF_DIR = os.path.dirname(os.path.abspath(__file__))
 BRIDGES = {"dit": dit_bridge, "llama": llada_bridge}  # model.style -> bridge
+OPTIONAL = {dit_bridge.INV_FREQ}  # tensors a folder may lack (recomputed)
 
 
 def bridge_for_hf(hf_config: dict):
     for bridge in BRIDGES.values():
         if hf_config.get("model_type") == bridge.MODEL_TYPE:
             return bridge
-    raise ValueError(f"unsupported Hugging Face model_type {hf_config.get('model_type')!r}: "
-                     f"expected one of {', '.join(b.MODEL_TYPE for b in BRIDGES.values())}")
+    raise ValueError(f"config.json has model_type={hf_config.get('model_type')!r}: not supported (expected one "
+                     f"of {', '.join(b.MODEL_TYPE for b in BRIDGES.values())})")
 
 
 def _single_process_world():
@@ -49,116 +56,109 @@ def _single_process_world():
         initialize_distributed(tp=1, pp=1)
 
 
-def _state(model) -> dict:
-    return {name: p for name, p in model.state_dict().items() if not name.endswith("_extra_state")}
+def _params(model) -> dict:
+    """The model's parameters and buffers by TP=1 name, as the tensors themselves (written in place)."""
+    return {n: p for n, p in model.state_dict(keep_vars=True).items() if not n.endswith("_extra_state")}
 
 
-def export_to_hf(checkpoint: str, out_dir: str) -> dict:
-    model, cfg, common, path = load_model_for_inference(checkpoint, tp=1)
-    vocab = common["vocab_size"]
+def _load(checkpoint: str, weights: str):
+    """load_model_for_inference at TP=1: the EMA weights (when the checkpoint has them) or the raw ones."""
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights={weights!r}: use ema or raw")
+    return load_model_for_inference(checkpoint, tp=1, weights=weights)
+
+
+def _stored_dtype(path: str) -> torch.dtype:
+    """The dtype a dist checkpoint stores its model weights in (that of the word embeddings)."""
+    metadata = dist_checkpointing.load_tensors_metadata(path)
+    names = sorted(metadata, key=lambda k: not k.endswith("word_embeddings.weight"))
+    for name in names:
+        dtype = getattr(metadata[name], "dtype", None)
+        if dtype in shards.TORCH_NAMES:
+            return dtype
+    return torch.float32
+
+
+def export_to_hf(checkpoint: str, out_dir: str, dtype: str | None = None, weights: str = "ema",
+                 max_shard_size: str | int = shards.DEFAULT_MAX_SHARD_SIZE) -> dict:
+    """Write `checkpoint` as a Hugging Face folder `out_dir` (module docstring). `dtype`: bf16,
+    fp16, fp32 or None (the default rule); `weights`: ema or raw; `max_shard_size`: e.g. 5GB."""
+    target = shards.parse_dtype(dtype) if dtype is not None else None
+    max_bytes = shards.parse_size(max_shard_size)
+    model, cfg, common, path = _load(checkpoint, weights)
+    source = common.get("hf_source") or {}
+    if target is None:
+        target = shards.parse_dtype(source["dtype"]) if source.get("dtype") else _stored_dtype(path)
+    rows = common["vocab_size"]
     bridge = BRIDGES[cfg.model.style]
-    hf_config = bridge.hf_config(cfg.model, vocab, cfg.model.max_sequence_length, mask_token_id=common.get("mask_id"))
-    tensors = bridge.megatron_to_hf(_state(model), cfg.model, vocab)
-
-    from safetensors.torch import save_file
-
     os.makedirs(out_dir, exist_ok=True)
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+
+    tok_path, tokenizer = tokens.export_tokenizer(cfg, out_dir, imported=bool(source))
+    ids = tokens.token_ids(tokenizer, tok_path, common.get("mask_id"), source)
+    import transformers
+
+    hf_config = bridge.hf_config(cfg.model, rows, cfg.model.max_sequence_length, ids, source.get("config"))
+    hf_config["torch_dtype"] = shards.TORCH_NAMES[target]
+    hf_config.setdefault("transformers_version", transformers.__version__)
+
+    writer = shards.ShardWriter(out_dir, max_bytes)
+    count = 0
+    with torch.no_grad():
+        for name, tensor in bridge.export_tensors(_params(model), cfg.model, rows):
+            writer.add(name, tensor.to(target))  # a copy only where the dtype or layout changes
+            count += 1
+    files = writer.close()
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump(tokens.generation_config(ids, source.get("generation_config"), transformers.__version__), f,
+                  indent=2)
     for name in bridge.MODELING_FILES:
         shutil.copy(os.path.join(HF_DIR, bridge.MODELING_SUBDIR, name), os.path.join(out_dir, name))
-    tokenizer = _save_tokenizer(cfg, out_dir)
-    return {"checkpoint": path, "iteration": common["iteration"], "out_dir": out_dir,
-            "tensors": len(tensors), "tokenizer": tokenizer}
-
-
-def _save_tokenizer(cfg: Config, out_dir: str) -> str | None:
-    from ..training.trainer import build_run_tokenizer, resolve_data_paths
-
-    _, tok_path = resolve_data_paths(cfg)
-    try:
-        build_run_tokenizer(cfg, tok_path).save(out_dir)
-        return tok_path
-    except (FileNotFoundError, ValueError):
-        return None  # the caller reports that the tokenizer was not found
+    return {"checkpoint": path, "iteration": common["iteration"], "out_dir": out_dir, "tensors": count,
+            "files": files, "dtype": shards.TORCH_NAMES[target], "tokenizer": tok_path if tokenizer else None,
+            "ids": ids}
 
 
 def import_from_hf(hf_dir: str, save_dir: str) -> dict:
+    """Write the Hugging Face folder `hf_dir` as a model-only checkpoint in `save_dir` (module
+    docstring). Returns the checkpoint path and the overrides that train from it."""
     with open(os.path.join(hf_dir, "config.json")) as f:
-        hf_config = json.load(f)
-    bridge = bridge_for_hf(hf_config)
-    overrides = bridge.model_overrides(hf_config)
-    cfg = load_config(overrides)
-    tokenizer_overrides, tokenizer_record = _tokenizer_overrides(hf_dir, hf_config)
-    vocab = bridge.vocab_size(hf_config)
-    hf_state = _read_hf_weights(hf_dir)
-    _single_process_world()
-    model = build_model(cfg, vocab)
-    state = bridge.hf_to_megatron(hf_state, cfg.model, padded_vocab_size(vocab))
-    result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"weights do not fit the model: missing {missing}, unexpected {result.unexpected_keys}")
+        raw = json.load(f)
+    bridge = bridge_for_hf(raw)
+    resolved = bridge.resolve_config(raw)
+    bridge.check_supported(resolved)
+    overrides = bridge.model_overrides(resolved)
+    tokenizer_overrides, tokenizer_record = tokens.import_overrides(hf_dir, raw)
+    cfg = load_config(overrides + tokenizer_overrides)  # the checkpoint records the folder's tokenizer
+    stored = shards.stored_dtype(hf_dir)
+    source = {"config": raw, "generation_config": tokens.read_json_if_present(os.path.join(hf_dir,
+                                                                                         "generation_config.json")),
+              "dtype": shards.TORCH_NAMES.get(stored) or raw.get("torch_dtype") or "float32"}
 
     path = os.path.join(save_dir, checkpoint_name(0))
     if is_complete(path):  # never overwrite a checkpoint that counts
         raise ValueError(f"{path} already holds a complete checkpoint; import into another --out directory")
+    _single_process_world()
+    model = build_model(cfg, bridge.vocab_size(resolved))
+    params = _params(model)
+    seen = set()
+    for name, tensor in shards.iter_tensors(hf_dir):  # one tensor in memory at a time
+        bridge.import_tensor(name, tensor, params, cfg.model)
+        seen.add(name)
+    missing = [n for n in bridge.hf_names(cfg.model) if n not in seen and n not in OPTIONAL]
+    if missing:
+        raise ValueError(f"the weights lack {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1
+                                                              else "") + f" that config.json's model needs")
+
     if os.path.exists(path):  # an interrupted earlier import
         shutil.rmtree(path)
     os.makedirs(path)
     with saving():  # the writer processes die with this process
         dist_checkpointing.save({"model": model.sharded_state_dict(), "iteration": 0,
-                                 "config": config_to_dict(cfg), "vocab_size": vocab, "layout": layout(),
-                                 "model_only": True, **tokenizer_record}, path)
+                                 "config": config_to_dict(cfg), "vocab_size": bridge.vocab_size(resolved),
+                                 "layout": layout(), "model_only": True, "hf_source": source,
+                                 **tokenizer_record}, path)
     mark_complete(save_dir, 0, {"layout": layout(), "imported_from": os.path.abspath(hf_dir)})
-    return {"checkpoint": path, "overrides": overrides + tokenizer_overrides}
-
-
-def _hydra_value(value: str) -> str:
-    """A Hydra override value: quoted unless it is a plain word or path (e.g. '<|mdm_mask|>')."""
-    if re.fullmatch(r"[A-Za-z0-9_./-]+", value):
-        return value
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _tokenizer_overrides(hf_dir: str, hf_config: dict) -> tuple[list, dict]:
-    """Overrides that train with the folder's tokenizer.json, naming its special tokens by the ids
-    config.json gives; and what the checkpoint records (mask id, tokenizer vocabulary)."""
-    record = {"mask_id": hf_config["mask_token_id"]} if hf_config.get("mask_token_id") is not None else {}
-    path = os.path.join(hf_dir, "tokenizer.json")
-    if not os.path.isfile(path):
-        return [], record
-    from tokenizers import Tokenizer
-
-    backend = Tokenizer.from_file(path)
-    overrides = ["data.tokenizer.kind=hf_json", f"data.tokenizer.path={_hydra_value(os.path.abspath(hf_dir))}"]
-    for key, option in (("mask_token_id", "mask_token"), ("eos_token_id", "eod_token"), ("pad_token_id", "pad_token")):
-        token = backend.id_to_token(hf_config[key]) if hf_config.get(key) is not None else None
-        if token is not None:
-            overrides.append(f"data.tokenizer.{option}={_hydra_value(token)}")
-    ids = backend.get_vocab(with_added_tokens=True).values()
-    record["tokenizer_vocab_size"] = max(ids) + 1
-    return overrides, record
-
-
-def _read_hf_weights(hf_dir: str) -> dict:
-    """model.safetensors, the shards listed by model.safetensors.index.json (LLaDA-8B ships six),
-    or pytorch_model.bin."""
-    from safetensors.torch import load_file
-
-    safetensors_path = os.path.join(hf_dir, "model.safetensors")
-    if os.path.exists(safetensors_path):
-        return load_file(safetensors_path)
-    index_path = safetensors_path + ".index.json"
-    if os.path.exists(index_path):
-        with open(index_path) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        state = {}
-        for shard in shards:
-            state.update(load_file(os.path.join(hf_dir, shard)))
-        return state
-    bin_path = os.path.join(hf_dir, "pytorch_model.bin")
-    if os.path.exists(bin_path):
-        return torch.load(bin_path, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{hf_dir} has neither model.safetensors nor pytorch_model.bin")
+    return {"checkpoint": path, "overrides": overrides + tokenizer_overrides, "dtype": source["dtype"],
+            "tokenizer": bool(tokenizer_overrides)}

@@ -135,6 +135,10 @@ class Trainer:
         """Load what `start` names (lifecycle.choose_start decided) and say what was used."""
         rng_restored = False
         iteration = 0
+        # What a Hugging Face import recorded of its source (config, generation config, dtype):
+        # carried into this run's checkpoints so that an export after training writes the
+        # source family's config and ids (hf/convert.py).
+        self.hf_source = (start.common or {}).get("hf_source")
         if start.kind == "pretrained":
             load_weights(self, start.path, start.common)
             if self.ema is not None:
@@ -167,8 +171,12 @@ class Trainer:
         return self.run.save_dir
 
     def extra_checkpoint_state(self) -> dict:
-        """What a checkpoint keeps besides model, optimizer, schedule and RNG: the guard's counters."""
-        return {"health": self.health.state_dict()}
+        """What a checkpoint keeps besides model, optimizer, schedule and RNG: the guard's counters,
+        and the Hugging Face source of imported weights."""
+        extra = {"health": self.health.state_dict()}
+        if self.hf_source:
+            extra["hf_source"] = self.hf_source
+        return extra
 
     def close(self) -> None:
         """Release the run directory and the logger (also called when construction fails)."""

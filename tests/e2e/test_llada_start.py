@@ -57,13 +57,15 @@ def llada_folder(tmp_path_factory, shakespeare_corpus):
 
     from prosec_mcore.hf.llada.configuration_llada import LLaDAConfig
     from prosec_mcore.hf.llada.modeling_llada import LLaDAModelLM
+    from prosec_mcore.hf.llada_bridge import LLADA_8B_BASE_CONFIG
 
     root = tmp_path_factory.mktemp("llada")
     docs = _documents(shakespeare_corpus[0].split("=", 1)[1])
     hf_dir = root / "tiny-llada"
-    config = LLaDAConfig(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=48,
-                         vocab_size=MODEL_VOCAB, embedding_size=MODEL_VOCAB, rope_theta=500000.0,
-                         max_sequence_length=64, mask_token_id=MASK_ID, eos_token_id=298, pad_token_id=298)
+    config = LLaDAConfig(**{**LLADA_8B_BASE_CONFIG, "d_model": 32, "n_heads": 4, "n_kv_heads": 2, "n_layers": 2,
+                            "mlp_hidden_size": 48, "vocab_size": MODEL_VOCAB, "embedding_size": MODEL_VOCAB,
+                            "max_sequence_length": 64, "mask_token_id": MASK_ID, "eos_token_id": 298,
+                            "pad_token_id": 298, "torch_dtype": "float32"})
     torch.manual_seed(7)
     model = LLaDAModelLM(config)
     with torch.no_grad():
@@ -186,11 +188,22 @@ def test_proseco_training_starts_from_imported_llada_weights(llada_folder, tmp_p
     # Exported back, the folder keeps LLaDA's vocabulary layout: 320 rows, the mask at 250.
     from prosec_mcore.data.tokenizer import build_tokenizer
 
+    # The run's own checkpoints carry what the import recorded of the source (config, ids, dtype)
+    from prosec_mcore.training.checkpoint import load_common
+
+    pretrained = next(o.split("=", 1)[1] for o in overrides if o.startswith("checkpoint.pretrained="))
+    trained = load_common(str(tmp_path / "run" / "checkpoints" / "iter_0000003"))
+    assert trained["hf_source"] == load_common(pretrained)["hf_source"] and trained["hf_source"]["config"]
+
     exported = tmp_path / "hf_out"
     ok(run_tool("convert_checkpoint.py", ["export", "--checkpoint", str(tmp_path / "run"), "--out", str(exported)]))
     config = json.loads((exported / "config.json").read_text())
     assert (config["vocab_size"], config["embedding_size"], config["mask_token_id"]) == (MODEL_VOCAB, MODEL_VOCAB,
                                                                                           MASK_ID)
+    # eos/pad as the source had them (LLaDA's class would otherwise read its default 50256), and the
+    # folder's own tokenizer file, not the bundled one
+    assert (config["eos_token_id"], config["pad_token_id"]) == (298, 298)
+    assert (exported / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
     tokenizer = build_tokenizer("auto", str(exported))
     assert (tokenizer.mask_id, tokenizer.vocab_size, tokenizer.eod) == (MASK_ID, TOKENIZER_VOCAB, 298)
 

@@ -2,7 +2,8 @@
 
 The keys are those of the checkpoints that the ProSeCo and MDLM authors publish on the Hugging
 Face hub (kuleshov-group/proseco-owt, kuleshov-group/mdlm-owt), so their config.json loads here
-and ours loads in their code.
+and ours loads in their code. One key is ours: label_combination, how a class label joins the
+time embedding (silu_sum, the reference's; sum_silu, this project's older checkpoints).
 """
 import transformers
 
@@ -12,7 +13,8 @@ class ProsecoConfig(transformers.PretrainedConfig):
 
     def __init__(self, vocab_size: int = 50258, model_length: int = 1024, hidden_dim: int = 768,
                  cond_dim: int = 128, n_blocks: int = 12, n_heads: int = 12, dropout: float = 0.1,
-                 time_conditioning: bool = False, cfg: bool = False, cfg_num_classes: int = -1, **kwargs):
+                 time_conditioning: bool = False, cfg: bool = False, cfg_num_classes: int = -1,
+                 label_combination: str = "silu_sum", **kwargs):
         super().__init__(**kwargs)
         self.vocab_size = vocab_size
         self.model_length = model_length
@@ -24,3 +26,4 @@ class ProsecoConfig(transformers.PretrainedConfig):
         self.time_conditioning = time_conditioning
         self.cfg = cfg
         self.cfg_num_classes = cfg_num_classes
+        self.label_combination = label_combination

@@ -4,13 +4,22 @@ Parameter names follow the reference checkpoints (backbone.vocab_embed.embedding
 backbone.blocks.N.attn_qkv.weight, ...). The network, per block:
 
     c = SiLU(MLP(sinusoid(sigma)))                        (sigma := 0 unless time_conditioning)
+      + SiLU(E[cond])                                     (cfg: class labels, label_combination
+                                                           silu_sum; sum_silu: SiLU(MLP(..) + E[cond]))
     shift/scale/gate x 2 = adaLN_modulation(c)
-    h = h + gate_a * attn_out(Attention(rope(attn_qkv(LN(h) * (1 + scale_a) + shift_a))))
-    h = h + gate_m * MLP(LN(h) * (1 + scale_m) + shift_m)
+    h = h + gate_a * drop(attn_out(Attention(rope(attn_qkv(LN(h) * (1 + scale_a) + shift_a)))))
+    h = h + gate_m * drop(MLP(LN(h) * (1 + scale_m) + shift_m))
     logits = linear(LN(h) * (1 + scale) + shift)          (final layer, its own adaLN)
 
 Attention is bidirectional; rotary embeddings rotate the two halves of each head (GPT-NeoX
 style) of queries and keys. Logits are raw: a diffusion sampler suppresses the mask token.
+`drop` is dropout with probability config.dropout, in training mode only (the reference's hidden
+dropout). A label-conditioned model (cfg=True) embeds `cond` with cfg_num_classes + 1 rows, the
+last being the null label; cond=None means the null label (unconditional), as in training.
+
+The forward takes input_ids (or inputs_embeds), timesteps (sigma, [b]), cond, output_hidden_states
+and return_dict as transformers models do, and returns MaskedLMOutput (logits, hidden_states) or
+a tuple.
 """
 import math
 
@@ -20,10 +29,9 @@ import torch.nn.functional as F
 import transformers
 from transformers import modeling_outputs
 
-try:
-    from .configuration_proseco import ProsecoConfig
-except ImportError:  # loaded as a plain module
-    from configuration_proseco import ProsecoConfig
+# relative, as transformers loads remote code as a package (its import check, 4.46, reads
+# every import outside try blocks as a required package)
+from .configuration_proseco import ProsecoConfig
 
 
 def modulate(x, shift, scale):
@@ -127,28 +135,54 @@ class DDitFinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
+class LabelEmbedder(nn.Module):
+    def __init__(self, num_classes: int, cond_dim: int):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes, cond_dim)
+
+    def forward(self, labels):
+        return self.embedding_table(labels)
+
+
 class DITBackbone(nn.Module):
     def __init__(self, config: ProsecoConfig):
         super().__init__()
-        if config.cfg:
-            raise NotImplementedError("classifier-free-guidance conditioning (cfg=True) is not supported here")
         self.config = config
+        self.combination = getattr(config, "label_combination", "silu_sum")
+        if self.combination not in ("silu_sum", "sum_silu"):
+            raise NotImplementedError(f"label_combination={self.combination!r} is not implemented")
         self.vocab_embed = EmbeddingLayer(config.hidden_dim, config.vocab_size)
         self.sigma_map = TimestepEmbedder(config.cond_dim)
+        # the last row is the null label (unconditional)
+        self.cond_map = LabelEmbedder(config.cfg_num_classes + 1, config.cond_dim) if config.cfg else None
         self.rotary_emb = Rotary(config.hidden_dim // config.n_heads)
         self.blocks = nn.ModuleList([DDiTBlock(config.hidden_dim, config.n_heads, config.cond_dim, dropout=config.dropout)
                                      for _ in range(config.n_blocks)])
         self.output_layer = DDitFinalLayer(config.hidden_dim, config.vocab_size, config.cond_dim)
 
-    def forward(self, indices, sigma):
+    def condition(self, sigma, cond):
         if not self.config.time_conditioning:
             sigma = torch.zeros_like(sigma)
-        c = F.silu(self.sigma_map(sigma))
-        x = self.vocab_embed(indices)
-        cos, sin = self.rotary_emb(indices.shape[1], indices.device)
+        time = self.sigma_map(sigma)
+        if self.cond_map is None:
+            if cond is not None:
+                raise ValueError("cond given, but this model has no label embedding (cfg=False)")
+            return F.silu(time)
+        if cond is None:
+            cond = torch.full(sigma.shape, self.config.cfg_num_classes, dtype=torch.long, device=sigma.device)
+        label = self.cond_map(cond)
+        return F.silu(time) + F.silu(label) if self.combination == "silu_sum" else F.silu(time + label)
+
+    def forward(self, indices, sigma, cond=None, inputs_embeds=None, output_hidden_states=False):
+        c = self.condition(sigma, cond)
+        x = self.vocab_embed(indices) if inputs_embeds is None else inputs_embeds
+        hidden = [x] if output_hidden_states else None
+        cos, sin = self.rotary_emb(x.shape[1], x.device)
         for block in self.blocks:
             x = block(x, cos, sin, c)
-        return self.output_layer(x, c)
+            if output_hidden_states:
+                hidden.append(x)
+        return self.output_layer(x, c), (tuple(hidden) if output_hidden_states else None)
 
 
 class Proseco(transformers.PreTrainedModel):
@@ -160,10 +194,19 @@ class Proseco(transformers.PreTrainedModel):
         self.backbone = DITBackbone(config)
         self.post_init()  # transformers' bookkeeping (tied weights, init of missing weights)
 
-    def forward(self, input_ids: torch.LongTensor = None, timesteps: torch.FloatTensor = None, return_dict=None, **kwargs):
+    def forward(self, input_ids: torch.LongTensor = None, timesteps: torch.FloatTensor = None,
+                cond: torch.LongTensor = None, inputs_embeds: torch.FloatTensor = None,
+                output_hidden_states: bool = None, return_dict: bool = None, **kwargs):
+        """timesteps: sigma per sequence [b] (None: 0); cond: class labels [b] of a cfg model."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        output_hidden_states = (output_hidden_states if output_hidden_states is not None
+                                else self.config.output_hidden_states)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        batch = input_ids if input_ids is not None else inputs_embeds
         if timesteps is None:
-            timesteps = torch.zeros(input_ids.shape[0], device=input_ids.device)
-        logits = self.backbone(input_ids, timesteps)
-        if return_dict is False:
-            return (logits,)
-        return modeling_outputs.MaskedLMOutput(logits=logits, loss=None)
+            timesteps = torch.zeros(batch.shape[0], device=batch.device)
+        logits, hidden = self.backbone(input_ids, timesteps, cond, inputs_embeds, output_hidden_states)
+        if not return_dict:
+            return (logits, hidden) if output_hidden_states else (logits,)
+        return modeling_outputs.MaskedLMOutput(logits=logits, hidden_states=hidden, loss=None)
