@@ -196,7 +196,8 @@ class CheckpointConfig:
     Where a run starts, in order: `load` (resume exactly this checkpoint: weights, optimizer,
     schedule, iteration), else the newest complete checkpoint of save_dir (`resume`), else
     `pretrained` (initial weights only, iteration 0, fresh optimizer; Megatron-LM's
-    --pretrained-checkpoint), else a fresh initialisation. So a requeued job started from
+    --pretrained-checkpoint; the checkpoint's EMA weights when it kept an EMA, as validation used
+    them), else a fresh initialisation. So a requeued job started from
     pretrained weights continues from its own checkpoints.
     fallback_to_previous: when the newest checkpoint is corrupt, resume from the previous complete
     one automatically (the corrupt one is renamed aside, and the log says so); off: stop with a

@@ -560,8 +560,8 @@ def load_model_for_inference(checkpoint: str, tp: int = 1, weights: str = "ema")
     """The trained model of ``checkpoint`` (see :func:`resolve_checkpoint`) on one pipeline stage
     at tensor-parallel size ``tp``, for export, sampling and evaluation: the weights reshard from
     whatever layout saved them. weights: ``ema`` (default) the EMA weights when the checkpoint
-    has them (else the trained ones), ``raw`` the weights the optimizer trained. Initialises torch.distributed and megatron's parallel state when
-    needed. Returns ``(model, cfg, common, path)``: ``cfg`` is the run's config with this
+    has them (else the trained ones), ``raw`` the weights the optimizer trained. Initialises
+    torch.distributed and megatron's parallel state when needed. Returns ``(model, cfg, common, path)``: ``cfg`` is the run's config with this
     layout, ``common`` the checkpoint's non-tensor state (iteration, vocab_size, mask_id, ...)."""
     from ..config_loader import config_from_dict
     from ..model.builder import build_model

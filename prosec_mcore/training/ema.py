@@ -127,7 +127,7 @@ class WeightEMA:
     @torch.no_grad()
     def load(self, loaded: dict, template: dict, common_state: dict) -> None:
         """Copy what dist_checkpointing loaded for `template` (this object's sharded_state_dict)
-        into the shadow weights; both dicts hold their entries in the same order."""
+        into the shadow weights."""
         copy_loaded(template, loaded)
         self.num_updates = int(common_state.get("num_updates", 0))
 
