@@ -155,8 +155,9 @@ def test_export_refuses_an_out_that_is_a_file(checkpoint, tmp_path):
     ('{"model_type": "proseco",', True, "config.json is not valid JSON"),
     ('["a list"]', True, "config.json holds a JSON list, not an object"),
     ('{"model_type": "proseco"}', False, "has no weights"),
-    ('{"model_type": "bert"}', True, "unsupported Hugging Face model_type 'bert'"),
-    ('{"model_type": "proseco"}', True, "config.json has no 'n_blocks' entry"),
+    ('{"model_type": "bert"}', True, "config.json has model_type='bert': not supported"),
+    # a key left out takes the family's default (as its config class does); the weights must fit it
+    ('{"model_type": "proseco"}', True, "the weights lack backbone.vocab_embed.embedding"),
 ])
 def test_import_refuses_a_bad_hf_folder(tmp_path, config, weights, problem):
     folder = hf_folder(tmp_path, config, weights)
