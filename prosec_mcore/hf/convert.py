@@ -61,13 +61,6 @@ def _params(model) -> dict:
     return {n: p for n, p in model.state_dict(keep_vars=True).items() if not n.endswith("_extra_state")}
 
 
-def _load(checkpoint: str, weights: str):
-    """load_model_for_inference at TP=1: the EMA weights (when the checkpoint has them) or the raw ones."""
-    if weights not in ("ema", "raw"):
-        raise ValueError(f"weights={weights!r}: use ema or raw")
-    return load_model_for_inference(checkpoint, tp=1, weights=weights)
-
-
 def _stored_dtype(path: str) -> torch.dtype:
     """The dtype a dist checkpoint stores its model weights in (that of the word embeddings)."""
     metadata = dist_checkpointing.load_tensors_metadata(path)
@@ -85,7 +78,7 @@ def export_to_hf(checkpoint: str, out_dir: str, dtype: str | None = None, weight
     fp16, fp32 or None (the default rule); `weights`: ema or raw; `max_shard_size`: e.g. 5GB."""
     target = shards.parse_dtype(dtype) if dtype is not None else None
     max_bytes = shards.parse_size(max_shard_size)
-    model, cfg, common, path = _load(checkpoint, weights)
+    model, cfg, common, path = load_model_for_inference(checkpoint, tp=1, weights=weights)
     source = common.get("hf_source") or {}
     if target is None:
         target = shards.parse_dtype(source["dtype"]) if source.get("dtype") else _stored_dtype(path)

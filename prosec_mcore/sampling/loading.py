@@ -34,8 +34,6 @@ def load_from_checkpoint(checkpoint: str, tp: int = 1, weights: str = "ema") -> 
     ``weights``: ``ema`` (default, as the reference samples) the checkpoint's EMA weights when it
     has them, else the trained ones; ``raw`` the trained weights. Initialises torch.distributed
     and megatron's parallel state if needed."""
-    if weights not in ("ema", "raw"):
-        raise ValueError(f"weights must be ema or raw, not {weights!r}")
     from ..data import build_tokenizer
     from ..training.checkpoint import load_model_for_inference
     from ..training.trainer import resolve_data_paths

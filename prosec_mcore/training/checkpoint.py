@@ -487,9 +487,20 @@ def load_weights(trainer, path: str, common: dict | None = None, weights: str = 
     check_compatible(common["config"] | {"vocab_size": common.get("vocab_size"), "mask_id": common.get("mask_id")},
                      trainer.cfg, trainer.vocab_size, path, getattr(trainer, "mask_id", None))
     modules = {key: chunk.module for key, chunk in zip(_model_keys(trainer), trainer.model)}
-    load_module_weights(modules, path, use_ema=weights == "ema" and has_ema(common))
+    load_module_weights(modules, path, _use_ema(weights, common))
     trainer.optimizer.reload_model_params()  # the optimizer's fp32 main copies, when there are any
     return common
+
+
+def _check_weights(weights: str) -> None:
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights must be ema or raw, not {weights!r}")
+
+
+def _use_ema(weights: str, common: dict) -> bool:
+    """Whether `weights` (ema | raw) means loading the EMA weights of a checkpoint (with `common`)."""
+    _check_weights(weights)
+    return weights == "ema" and has_ema(common)
 
 
 def load_module_weights(modules: dict, path: str, use_ema: bool) -> None:
@@ -561,23 +572,25 @@ def load_model_for_inference(checkpoint: str, tp: int = 1, weights: str = "ema")
     at tensor-parallel size ``tp``, for export, sampling and evaluation: the weights reshard from
     whatever layout saved them. weights: ``ema`` (default) the EMA weights when the checkpoint
     has them (else the trained ones), ``raw`` the weights the optimizer trained. Initialises
-    torch.distributed and megatron's parallel state when needed. Returns ``(model, cfg, common, path)``: ``cfg`` is the run's config with this
-    layout, ``common`` the checkpoint's non-tensor state (iteration, vocab_size, mask_id, ...)."""
+    torch.distributed and megatron's parallel state when needed. Returns
+    ``(model, cfg, common, path)``: ``cfg`` is the run's config with this layout, ``common`` the
+    checkpoint's non-tensor state (iteration, vocab_size, mask_id, ..., and `weights`: which
+    weights were loaded)."""
     from ..config_loader import config_from_dict
     from ..model.builder import build_model
     from ..runtime import initialize_distributed
 
+    _check_weights(weights)  # before any file is read
     path = resolve_checkpoint(checkpoint)
     common = load_common(path)
+    use_ema = _use_ema(weights, common)
     cfg = config_from_dict(upgrade_saved_config(common["config"]))
     cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, cfg.parallel.sequence_parallel = tp, 1, None, False
     if not torch.distributed.is_initialized():
         initialize_distributed(tp=tp, pp=1, seed=cfg.train.seed)
     elif parallel_state.get_tensor_model_parallel_world_size() != tp:
         raise ValueError("torch.distributed is already initialised with another TP size")
-    if weights not in ("ema", "raw"):
-        raise ValueError(f"weights must be ema or raw, not {weights!r}")
     model = build_model(cfg, common["vocab_size"])
-    load_module_weights({"model": model}, path, use_ema=weights == "ema" and has_ema(common))
-    common["weights"] = "ema" if weights == "ema" and has_ema(common) else "raw"
+    load_module_weights({"model": model}, path, use_ema)
+    common["weights"] = "ema" if use_ema else "raw"
     return model, cfg, common, path
