@@ -15,7 +15,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, List, Optional
 
 
 class ConfigError(ValueError):
@@ -79,12 +79,40 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
+    """Where the samples come from and how they are read (docs/data.md).
+
+    loader: `indexed` (megatron indexed datasets: data_prefix, or a weighted blend in data_path /
+        the per-split *_data_path lists, Megatron-LM's `[w1, prefix1, w2, prefix2]` convention),
+        `webdataset` (tokenized tar shards streamed with the webdataset library: `shards` names a
+        manifest written by tools/preprocess_data.py, or a `[w1, manifest1, ...]` blend of them) or
+        `dali` (the same shards read by NVIDIA DALI's webdataset reader).
+    streams: shard streams per global batch (webdataset/dali); each data-parallel rank reads
+        streams/dp of them, so the batches do not depend on dp for a fixed value. null: the dp size.
+    num_workers / prefetch: batches are assembled off the training loop by `num_workers` worker
+        processes (0: one background thread) holding up to `prefetch` iterations ready (0 with
+        num_workers 0: in the training loop, synchronously).
+    document_attention: attention never crosses a document boundary (EOD) inside a packed sample.
+    variable_length_fraction: this fraction of samples is cut to a random length in [1, seq_length]
+        (LLaDA pre-training: 0.01); the rest of such a sample takes no part in attention or loss.
+    """
+
     name: str = "shakespeare"
     data_prefix: Optional[str] = None  # megatron indexed dataset prefix (<prefix>.bin/.idx)
+    data_path: Optional[List[Any]] = None  # blend: [prefix, ...] or [w1, prefix1, w2, prefix2, ...]
+    train_data_path: Optional[List[Any]] = None  # per-split blends (then data.split is not used)
+    valid_data_path: Optional[List[Any]] = None
+    test_data_path: Optional[List[Any]] = None
+    loader: str = "indexed"  # indexed | webdataset | dali
+    shards: Optional[List[Any]] = None  # webdataset/dali: [manifest] or [w1, manifest1, w2, manifest2, ...]
+    shard_url: Optional[str] = None  # where shards are read: a template with {shard}; null: beside the manifest
+    streams: Optional[int] = None
     prepare_dir: str = "data_cache/shakespeare"  # where the bundled corpus is prepared
     seq_length: int = 128
     split: str = "90,10,0"
     num_workers: int = 0
+    prefetch: int = 2
+    document_attention: bool = False
+    variable_length_fraction: float = 0.0
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     labels: Optional[str] = None  # .npy of one int label per document (model.num_classes > 0)
 
@@ -280,6 +308,7 @@ _CHOICES = {
     "train.cross_entropy_fusion_impl": ("native", "te"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
     "data.tokenizer.kind": ("hf_json", "gpt2_bpe", "char"),
+    "data.loader": ("indexed", "webdataset", "dali"),
 }
 
 
@@ -396,7 +425,9 @@ _RANGES = {
     "model.rotary_base": (0, None, False, True), "model.init_method_std": (0, None, False, True),
     "model.hidden_dropout": (0, 1, True, False), "model.attention_dropout": (0, 1, True, False),
     "model.layernorm_epsilon": (0, None, False, True),
-    "data.seq_length": (1, None, True, True),
+    "data.seq_length": (1, None, True, True), "data.num_workers": (0, None, True, True),
+    "data.prefetch": (0, None, True, True), "data.variable_length_fraction": (0, 1, True, True),
+    "data.streams": (1, None, True, True),
     "objective.schedule_eps": (0, 1, False, False), "objective.eps_train": (0, 1, True, False),
     "objective.eps_valid": (0, 1, True, False), "objective.lambda_mdm": (0, None, True, True),
     "objective.lambda_sc": (0, None, True, True),
