@@ -16,14 +16,8 @@ where practical.
 """
 
 from prosec_mcore.data.corpus import prepare_shakespeare_corpus, strip_gutenberg_boilerplate
-from prosec_mcore.data.datasets import (
-    GlobalBatchIterator,
-    build_datasets,
-    check_indexed_dataset_files,
-    load_document_labels,
-    make_batch_iterator,
-    validate_indexed_dataset,
-)
+from prosec_mcore.data.batches import GlobalBatchIterator, load_document_labels, make_batch_iterator
+from prosec_mcore.data.datasets import build_datasets, check_indexed_dataset_files, validate_indexed_dataset
 from prosec_mcore.data.preprocess import (
     iter_jsonl_documents,
     iter_text_documents,

@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("rdkit", reason="QM9 preparation needs RDKit (scripts/setup_env.sh installs it)")
 
 from prosec_mcore.data import build_datasets, build_tokenizer  # noqa: E402
-from prosec_mcore.data.datasets import sample_document  # noqa: E402
+from prosec_mcore.data.batches import sample_document  # noqa: E402
 from prosec_mcore.data.qm9 import (DATA_NAME, decode_molecule, pad_document, prepare_qm9_corpus,  # noqa: E402
                                    training_smiles)
 
