@@ -15,6 +15,9 @@ x_theta(.) the network's distribution over the vocabulary with the mask token's 
 
     loss  = (lambda_mdm * L_MDM + lambda_sc * L_SC) / (number of tokens in the batch)
 
+The removed tail of a variable-length sample (diffusion/packing.py) is never masked and adds 0 to
+both sums, yet still counts in the normaliser: every sample weighs L positions, however it is cut.
+
 The corrector's second forward sees y alone: no carry-over of clean inputs, so it may change any
 token. Because y is a stop-gradient, d(loss)/d(theta) is the sum of the two terms' gradients,
 which lets a pipeline run the two forwards as two separate passes (see training/step.py).
@@ -140,8 +143,12 @@ def mdm_terms(logits: torch.Tensor, clean, masked, weight, invalid, corrector_in
     return MDMTerms(per_token=per_token, corrector_input=y, accuracy_on_masked=accuracy)
 
 
-def sc_terms(logits: torch.Tensor, clean, corrector_input, weight, invalid, opts: LossOptions) -> SCTerms:
-    """Second forward: the self-correction loss of x_theta(y) against x at every position."""
+def sc_terms(logits: torch.Tensor, clean, corrector_input, weight, invalid, opts: LossOptions,
+             keep: torch.Tensor | None = None) -> SCTerms:
+    """Second forward: the self-correction loss of x_theta(y) against x at every position.
+
+    keep: [b, L] bool, the positions that take part (None: all). The removed part of a cut sample
+    (diffusion/packing.py) adds exactly 0 to the loss, the NLL and the counts."""
     logits = suppress_invalid(logits, invalid)
     prediction = vocab_parallel_argmax(logits.detach())
     ce = cross_entropy(logits, clean, opts.cross_entropy_fusion)  # -log p_theta(x | y), [b, L]
@@ -151,6 +158,10 @@ def sc_terms(logits: torch.Tensor, clean, corrector_input, weight, invalid, opts
         per_token = torch.where(errors, w * ce, -w * torch.exp(-ce))
     else:
         per_token = w * ce
+    if keep is not None:
+        per_token = torch.where(keep, per_token, torch.zeros_like(per_token))
+        ce = torch.where(keep, ce, torch.zeros_like(ce))
+        errors = errors & keep
     return SCTerms(
         per_token=per_token,
         nll_per_token=ce.detach(),

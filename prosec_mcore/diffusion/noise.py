@@ -34,6 +34,7 @@ STREAM_VALID_TIME = 3
 STREAM_VALID_MASK = 4
 STREAM_SAMPLING = 5
 STREAM_LABEL_DROPOUT = 6
+STREAM_VARIABLE_LENGTH = 7  # which samples are cut short, and where (diffusion/packing.py)
 
 _MASK64 = (1 << 64) - 1
 
@@ -46,10 +47,15 @@ def mix_seed(seed: int, stream: int, index: int) -> int:
     return (z ^ (z >> 31)) & ((1 << 63) - 1)
 
 
-def _uniform(seed: int, stream: int, index: int, n: int) -> torch.Tensor:
+def keyed_generator(seed: int, stream: int, index: int) -> torch.Generator:
+    """A private CPU generator for draw `index` of `stream`: the same numbers on every rank."""
     gen = torch.Generator(device="cpu")
     gen.manual_seed(mix_seed(seed, stream, index))
-    return torch.rand(n, generator=gen, dtype=torch.float64)
+    return gen
+
+
+def _uniform(seed: int, stream: int, index: int, n: int) -> torch.Tensor:
+    return torch.rand(n, generator=keyed_generator(seed, stream, index), dtype=torch.float64)
 
 
 def sample_times(
@@ -90,6 +96,9 @@ class NoisedBatch:
     weight: torch.Tensor  # w(t), [b] float32
     sigma: torch.Tensor  # -log alpha_t, [b] float32 (time input of the network)
     labels: Optional[torch.Tensor] = None  # class labels after condition dropout, [b] int64
+    # Positions that take part in the sample, [b, L] bool; None: all of them. A variable-length cut
+    # (diffusion/packing.py) removes the tail of a sample: never masked, no loss, no attention.
+    keep: Optional[torch.Tensor] = None
 
 
 def drop_labels(seed: int, sample_index: torch.Tensor, labels: torch.Tensor, p: float, null_label: int,

@@ -32,13 +32,17 @@ class AdaLNTransformerLayer(TransformerLayer):
         output = F.dropout(output, p=self.hidden_dropout, training=self.training)
         return residual + gate * output
 
-    def forward(self, hidden_states, attention_mask=None, context=None, rotary_pos_emb=None, **kwargs):
+    def forward(self, hidden_states, attention_mask=None, context=None, rotary_pos_emb=None,
+                packed_seq_params=None, **kwargs):
+        """attention_mask / packed_seq_params (document attention, diffusion/packing.py) go to the
+        self-attention unchanged, as megatron's TransformerLayer hands them on."""
         if context is None:
             raise ValueError("AdaLNTransformerLayer needs the time embedding (passed as `context`)")
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaln_modulation(context)
 
         attn_in = modulate(self.input_layernorm(hidden_states), shift_a, scale_a)
-        attn_out = self.self_attention(attn_in, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
+        attn_out = self.self_attention(attn_in, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
+                                       packed_seq_params=packed_seq_params)
         hidden_states = self._gated_residual(hidden_states, attn_out, gate_a)
 
         mlp_in = modulate(self.pre_mlp_layernorm(hidden_states), shift_m, scale_m)

@@ -2,7 +2,11 @@
 
 A masked diffusion model sees the whole (partly masked) sequence at once, so attention has no
 causal mask anywhere: every spec here builds megatron-core's attention with
-`AttnMaskType.no_mask` and the model passes `attention_mask=None`.
+`AttnMaskType.no_mask`. The model passes `attention_mask=None` (all positions see each other) or,
+with document attention / variable-length samples (diffusion/packing.py), a block-diagonal bool
+mask to the local core attentions (megatron's unfused one applies any mask it is given, whatever
+its mask type) or thd `packed_seq_params` to Transformer Engine's (megatron turns `no_mask` into
+TE's `padding` type, which thd requires).
 
 Two backends, chosen automatically (`select_backend`):
   local  megatron-core's own tensor-parallel linears; core attention through PyTorch's fused
@@ -75,15 +79,15 @@ def attention_kernels(backend: str, local_attention: str = "sdpa") -> str:
     the shapes, dtype and GPU; the NVTE_* switches below force it (NVTE_DEBUG=1
     NVTE_DEBUG_LEVEL=2 makes TE log each choice). PyTorch picks SDPA's kernel per call too."""
     if backend != "te" and local_attention == "unfused":
-        return "megatron-core DotProductAttention (unfused: baddbmm, softmax, bmm; no mask)"
+        return "megatron-core DotProductAttention (unfused: baddbmm, softmax, bmm; no causal mask)"
     if backend != "te":
-        return ("torch scaled_dot_product_attention (no mask; flash / cuDNN / memory-efficient / math "
+        return ("torch scaled_dot_product_attention (no causal mask; flash / cuDNN / memory-efficient / math "
                 "chosen per call by PyTorch)")
     import os
 
     switches = " ".join(f"{k}={os.environ[k]}" for k in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
                         if k in os.environ)
-    return ("TEDotProductAttention (no mask; flash / cuDNN fused / unfused chosen per call by TE"
+    return ("TEDotProductAttention (no causal mask; flash / cuDNN fused / unfused chosen per call by TE"
             + (f"; {switches}" if switches else "") + ")")
 
 

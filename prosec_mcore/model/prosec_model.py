@@ -3,7 +3,10 @@
 GPTModel supplies everything distributed (vocab-parallel embedding and output layer, rotary
 embeddings, the pipeline-aware TransformerBlock, sharded state dicts for dist_checkpointing);
 this subclass changes what a *diffusion* model needs:
-  * no causal mask: the layer specs use `no_mask` and forward passes `attention_mask=None`;
+  * no causal mask: the layer specs use `no_mask`; attention is bidirectional over the sample,
+    or, with document attention / variable-length samples (diffusion/packing.py), restricted to
+    segments by an `attention_mask` (local layers) or thd `packed_seq_params` (Transformer Engine),
+    which forward hands to every layer;
   * the input may contain the mask token (the last id of the tokenizer's vocabulary);
   * time conditioning `adaln`: c = TimestepEmbedder(sigma) is handed to every layer, and the
     final norm is modulated by (shift, scale) = Linear(c) as in the DiT's final layer;
@@ -93,15 +96,22 @@ class ProSeCoModel(GPTModel):
         return state
 
     def forward(self, input_ids: torch.Tensor, sigma: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
+                labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                packed_seq_params=None) -> torch.Tensor:
         """input_ids [b, L] (z_t or y), sigma [b] -> vocab-parallel logits [b, L, V/tp].
         labels [b]: class labels of a label-conditioned model (None: the null label).
+        attention_mask [b, 1, L, L] bool, True = masked out (megatron's convention), or
+        packed_seq_params (megatron's thd PackedSeqParams, b = 1, Transformer Engine layers only):
+        which positions may attend to which (None: all to all). diffusion/packing.py builds both.
 
         On a pipeline stage other than the first, the hidden states come from the previous
         stage through `set_input_tensor` and `input_ids` only supplies the shape.
         On a stage other than the last, the output is the hidden states [s, b, h].
         """
         seq_length = input_ids.shape[1]
+        if packed_seq_params is not None and input_ids.shape[0] != 1:
+            raise ValueError(f"packed_seq_params (thd) takes one sample per micro-batch (got {input_ids.shape[0]}); "
+                             f"set train.micro_batch_size=1")
         hidden = self.embedding(input_ids=input_ids, position_ids=None) if self.pre_process else None
         rotary = self.rotary_pos_emb(seq_length)
 
@@ -115,7 +125,8 @@ class ProSeCoModel(GPTModel):
                 sigma = torch.zeros_like(sigma)
             context = self.time_embedder(sigma, labels)
 
-        hidden = self.decoder(hidden_states=hidden, attention_mask=None, context=context, rotary_pos_emb=rotary)
+        hidden = self.decoder(hidden_states=hidden, attention_mask=attention_mask, context=context,
+                              rotary_pos_emb=rotary, packed_seq_params=packed_seq_params)
         if not self.post_process:
             return hidden
         if context is not None:

@@ -1,6 +1,6 @@
 """Bidirectional core attention through PyTorch's scaled_dot_product_attention (the local spec).
 
-Core attention is softmax(Q K^T * scale) V per head, with no mask: a masked diffusion model
+Core attention is softmax(Q K^T * scale) V per head, with no causal mask: a masked diffusion model
 lets every position see every other. megatron-core's own `DotProductAttention` writes that out
 as baddbmm -> softmax -> bmm, which materialises the [b, heads, s, s] score matrix (at s = 2048
 and 16 heads that is 256 MiB per sequence in bf16, stored for the backward). PyTorch's
@@ -9,6 +9,12 @@ the scores: FlashAttention-2, cuDNN or memory-efficient attention on a GPU, a fu
 on CPU, picked per call by PyTorch. It is what the local spec uses unless
 `model.local_attention=unfused` asks for megatron's; Transformer Engine's attention (the te spec)
 is unaffected.
+
+With document attention (diffusion/packing.py) a position sees only its own document: megatron's
+bool mask [b, 1, s, s] (True = masked out) arrives as `attention_mask` and goes to SDPA inverted
+(SDPA's bool `attn_mask` is True = attend; masked scores become -inf, so their weights are exactly
+0). With a mask PyTorch does not use its flash kernel on a GPU (it picks cuDNN, memory-efficient or
+math attention).
 
 Everything else is inherited from megatron's DotProductAttention: the heads of this tensor-
 parallel rank, grouped-query attention (K/V heads shared by groups of query heads), the softmax
@@ -43,8 +49,9 @@ class SDPAttention(DotProductAttention):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
-        if attention_mask is not None or attention_bias is not None or packed_seq_params is not None:
-            raise ValueError("SDPAttention is bidirectional: it takes no attention mask, bias or packed sequences")
+        if attention_bias is not None or packed_seq_params is not None:
+            raise ValueError("SDPAttention takes an attention mask but no attention bias or packed (thd) sequences; "
+                             "document attention on the local layers passes a mask")
         seq, batch = query.shape[0], query.shape[1]
         # [s, b, heads, d] -> [b, heads, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
@@ -52,15 +59,16 @@ class SDPAttention(DotProductAttention):
         if group > 1:  # grouped-query attention: every K/V head serves `group` query heads
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         dropout = self.attention_dropout.p if self.training else 0.0
-        context = self._attend(q, k, v, dropout)
+        attend = None if attention_mask is None else ~attention_mask  # [b, 1, s, s], broadcast over heads
+        context = self._attend(q, k, v, dropout, attend)
         # [b, heads, s, d] -> [s, b, heads * d]
         return context.permute(2, 0, 1, 3).reshape(seq, batch, self.hidden_size_per_partition)
 
-    def _attend(self, q, k, v, dropout: float) -> torch.Tensor:
+    def _attend(self, q, k, v, dropout: float, attend: torch.Tensor | None) -> torch.Tensor:
         if dropout == 0.0:
-            return F.scaled_dot_product_attention(q, k, v, scale=self.sdpa_scale)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attend, scale=self.sdpa_scale)
         # The RNG choice of megatron's DotProductAttention: the model-parallel tracker's stream,
         # except under sequence parallelism.
         with tensor_parallel.get_cuda_rng_tracker().fork() if not self.config.sequence_parallel else nullcontext():
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.sdpa_scale)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=dropout, scale=self.sdpa_scale)
 

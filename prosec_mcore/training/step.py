@@ -18,7 +18,10 @@ pass 1 runs with both disabled and gradients are reduced once, after pass 2. Run
 separately also lowers peak memory compared to holding both forwards' activations at once.
 
 Every stage recomputes the noise of each micro-batch from (seed, sample index) (diffusion/noise.py),
-so no noise tensors travel through the pipeline.
+so no noise tensors travel through the pipeline. The same holds for packing (`PackingSettings`,
+diffusion/packing.py): every stage derives a micro-batch's attention mask (or thd packed-sequence
+parameters) from its clean tokens, and variable-length cuts from (seed, sample index); both passes
+of a micro-batch use the same mask, since it comes from x and not from the model input.
 """
 from __future__ import annotations
 
@@ -33,11 +36,12 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ..diffusion import losses
 from ..diffusion.noise import NoisedBatch, apply_forward_process, drop_labels, sample_times, token_uniforms
+from ..diffusion.packing import PackingSettings, attention_inputs, fill_removed_positions, pack_microbatch
 from ..diffusion.schedules import NoiseSchedule
 from .faults import fault_injected
 
 REPORT_KEYS = (
-    "mdm_sum", "sc_sum", "sc_nll_sum", "tokens", "masked", "masked_correct", "errors", "errors_fixed",
+    "mdm_sum", "sc_sum", "sc_nll_sum", "tokens", "masked", "masked_correct", "errors", "errors_fixed", "removed",
 )
 
 
@@ -104,14 +108,24 @@ def loss_options(cfg) -> losses.LossOptions:
                               t.cross_entropy_fusion_impl if t.cross_entropy_loss_fusion else "none")
 
 
+def _backend_of(chunk) -> str:
+    """The layers a (possibly DDP-wrapped) model chunk was built with: "te" or "local" (builder.py)."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return getattr(chunk, "backend", "local")
+
+
 class ProSeCoStep:
     """Runs the forward/backward work of one global batch and returns its metrics.
 
     `vocab_size` is the tokenizer's vocabulary: ids at or beyond it (model rows of a pretrained
-    vocabulary, megatron padding) and `mask_id` are never predicted (losses.invalid_vocab_mask)."""
+    vocabulary, megatron padding) and `mask_id` are never predicted (losses.invalid_vocab_mask).
+    `packing` (diffusion/packing.py): document attention and variable-length samples; None, or
+    settings that enable neither, run exactly the unrestricted computation."""
 
     def __init__(self, model_chunks, config, objective: str, loss_opts: losses.LossOptions,
-                 schedule: NoiseSchedule, mask_id: int, vocab_size: int, seq_length: int, micro_batch_size: int):
+                 schedule: NoiseSchedule, mask_id: int, vocab_size: int, seq_length: int, micro_batch_size: int,
+                 *, packing: PackingSettings | None = None):
         self.model = model_chunks
         self.config = config  # the TransformerConfig that megatron's schedule reads
         self.objective = objective
@@ -125,6 +139,11 @@ class ProSeCoStep:
         self._invalid = None
         self.time_phases = False  # benchmarks set it to fill `last_timings`
         self.last_timings: dict = {}
+        self.packing = packing
+        self.backend = _backend_of(model_chunks[0])
+        if packing is not None and packing.restricts_attention and self.backend == "te" and micro_batch_size != 1:
+            raise ValueError(f"data.document_attention / data.variable_length_fraction on the Transformer Engine layers "
+                             f"use megatron's thd format, which takes train.micro_batch_size=1 (got {micro_batch_size})")
 
     # ----------------------------------------------------------------- loss functions (last stage)
     def _invalid_ids(self, logits):
@@ -135,15 +154,19 @@ class ProSeCoStep:
     def _mdm_loss(self, nb: NoisedBatch, index: int, store: dict, logits):
         terms = losses.mdm_terms(logits, nb.clean, nb.masked, nb.weight, self._invalid_ids(logits),
                                  self.opts.corrector_input, self.opts.cross_entropy_fusion)
-        store[index] = terms.corrector_input
+        # A cut sample's removed positions (never masked, so no MDM loss) get the same input in the
+        # corrector pass as in this one.
+        pad_id = self.packing.pad_id if self.packing is not None else None
+        store[index] = fill_removed_positions(nb, terms.corrector_input, pad_id)
         mdm_sum = terms.per_token.sum()
         masked = nb.masked.sum().float()
+        removed = {} if nb.keep is None else {"removed": (~nb.keep).sum().float()}
         report = _report(logits.device, mdm_sum=mdm_sum.detach(), tokens=float(nb.clean.numel()), masked=masked,
-                         masked_correct=terms.accuracy_on_masked * masked)
+                         masked_correct=terms.accuracy_on_masked * masked, **removed)
         return self.opts.lambda_mdm * mdm_sum / nb.clean.numel(), report
 
     def _sc_loss(self, nb: NoisedBatch, y: torch.Tensor, logits):
-        terms = losses.sc_terms(logits, nb.clean, y, nb.weight, self._invalid_ids(logits), self.opts)
+        terms = losses.sc_terms(logits, nb.clean, y, nb.weight, self._invalid_ids(logits), self.opts, keep=nb.keep)
         sc_sum = terms.per_token.sum()
         report = _report(logits.device, sc_sum=sc_sum.detach(), sc_nll_sum=terms.nll_per_token.sum(),
                          errors=terms.num_errors, errors_fixed=terms.correct_on_errors)
@@ -151,15 +174,18 @@ class ProSeCoStep:
 
     # ----------------------------------------------------------------- schedule passes
     def _run_pass(self, items, forward_only: bool, first_of_two: bool):
-        """One call of megatron's schedule over `items` = [(model_input, sigma, labels, loss_fn), ...]."""
+        """One call of megatron's schedule over `items` = [(model_input, sigma, labels, segments, loss_fn),
+        ...]; `segments` (diffusion/packing.py; None: attention unrestricted) become the attention
+        mask or thd parameters of this backend just for the forward that uses them."""
         # The interleaved schedule reads one iterator per model chunk, each over all micro-batches.
         iterator = iter(items) if len(self.model) == 1 else [iter(items) for _ in self.model]
 
         def forward_step(data_iterator, model):
-            model_input, sigma, labels, loss_fn = next(data_iterator)
-            if labels is None:
-                return model(model_input, sigma), loss_fn
-            return model(model_input, sigma, labels=labels), loss_fn
+            model_input, sigma, labels, segments, loss_fn = next(data_iterator)
+            kwargs = {} if segments is None else attention_inputs(segments, self.backend)
+            if labels is not None:
+                kwargs["labels"] = labels
+            return model(model_input, sigma, **kwargs), loss_fn
 
         saved = (self.config.no_sync_func, self.config.grad_sync_func, self.config.finalize_model_grads_func)
         outer = contextlib.ExitStack()
@@ -198,33 +224,45 @@ class ProSeCoStep:
                                     group=parallel_state.get_pipeline_model_parallel_group())
         return list(stacked.unbind(0))
 
-    def run(self, microbatches: list, noise: NoiseSettings, forward_only: bool = False, with_corrector=None) -> dict:
+    def run(self, microbatches: list, noise: NoiseSettings, forward_only: bool = False, with_corrector=None,
+            variable_length: bool | None = None) -> dict:
         """Forward (and backward unless forward_only) of one global batch; returns global metrics.
 
+        variable_length: cut samples as `self.packing.variable_length_fraction` asks; None: only when
+        training (not forward_only), so validation and evaluation score whole samples.
         With `self.time_phases` set, `self.last_timings` keeps the seconds spent in each phase
         (noise, mdm_pass, handoff, sc_pass) for the benchmark tools.
         """
         with_corrector = self.objective == "proseco" if with_corrector is None else with_corrector
+        cut = not forward_only if variable_length is None else variable_length
         clock = _PhaseClock(self.time_phases)
         noised = [noise_microbatch(mb, self.schedule, noise, self.mask_id, self.device) for mb in microbatches]
         if not forward_only and fault_injected("nonfinite", int(microbatches[0]["global_batch_index"][0]) + 1):
             noised[0].weight = noised[0].weight * float("nan")  # a test's diverging batch (faults.py)
+        segments = [None if self.packing is None else pack_microbatch(mb["sample_index"], nb, self.packing, cut)
+                    for mb, nb in zip(microbatches, noised)]
         clock.lap("noise")
         store: dict = {}
-        items = [(nb.noised, nb.sigma, nb.labels, partial(self._mdm_loss, nb, i, store)) for i, nb in enumerate(noised)]
+        items = [(nb.noised, nb.sigma, nb.labels, seg, partial(self._mdm_loss, nb, i, store))
+                 for i, (nb, seg) in enumerate(zip(noised, segments))]
         reports = list(self._run_pass(items, forward_only, first_of_two=with_corrector))
         clock.lap("mdm_pass")
         if with_corrector:
             ys = self._share_corrector_inputs(store, len(noised), noised[0].clean)
             clock.lap("handoff")
-            items = [(y, nb.sigma, nb.labels, partial(self._sc_loss, nb, y)) for nb, y in zip(noised, ys)]
+            # The corrector pass of a micro-batch attends exactly as its MDM pass: the same segments.
+            items = [(y, nb.sigma, nb.labels, seg, partial(self._sc_loss, nb, y))
+                     for nb, y, seg in zip(noised, ys, segments)]
             reports += list(self._run_pass(items, forward_only, first_of_two=False))
             clock.lap("sc_pass")
         self.last_timings = clock.laps
-        return self._reduce_reports(reports)
+        return self._reduce_reports(reports, with_removed=cut and self.packing is not None
+                                    and self.packing.variable_length_fraction > 0)
 
-    def _reduce_reports(self, reports) -> dict:
-        """Sum the per-micro-batch sums over micro-batches, data-parallel ranks and stages."""
+    def _reduce_reports(self, reports, with_removed: bool = False) -> dict:
+        """Sum the per-micro-batch sums over micro-batches, data-parallel ranks and stages.
+        `tokens` counts every position of the samples (the loss normaliser); with variable-length
+        cuts, `removed_fraction` says which share of them was cut away."""
         total = torch.zeros(len(REPORT_KEYS), dtype=torch.float64, device=self.device)
         for r in reports:
             total += r["report"].to(device=self.device, dtype=torch.float64)
@@ -243,5 +281,7 @@ class ProSeCoStep:
             "corrector_input_error_rate": s["errors"] / tokens,
             "tokens": s["tokens"],
         }
+        if with_removed:
+            metrics["removed_fraction"] = s["removed"] / tokens
         metrics["loss"] = self.opts.lambda_mdm * metrics["mdm_loss"] + self.opts.lambda_sc * metrics["sc_loss"]
         return metrics

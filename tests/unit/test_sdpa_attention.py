@@ -1,6 +1,6 @@
 """SDPAttention (PyTorch's fused scaled_dot_product_attention) against megatron-core's unfused
-DotProductAttention: the same bidirectional attention, outputs and gradients, in one layer and in
-the whole model.
+DotProductAttention: the same bidirectional attention (no mask; a document mask is tested in
+test_document_attention.py), outputs and gradients, in one layer and in the whole model.
 
 Both compute softmax(Q K^T / sqrt(d)) V in fp32 from the same inputs, in a different order of
 operations (SDPA's fused kernel scales Q before the product and accumulates the softmax online),
@@ -65,12 +65,6 @@ def test_sdpa_dropout_only_in_training(single_process_world):
     torch.testing.assert_close(sdpa(*inputs, attention_mask=None), sdpa_no_dropout(*inputs, attention_mask=None))
     sdpa.train()
     assert not torch.allclose(sdpa(*inputs, attention_mask=None), sdpa_no_dropout(*inputs, attention_mask=None))
-
-
-def test_sdpa_refuses_a_mask(single_process_world):
-    _, sdpa, groups = attention_pair()
-    with pytest.raises(ValueError, match="bidirectional"):
-        sdpa(*qkv(groups), attention_mask=torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("style", ["dit", "llama"])
