@@ -28,9 +28,11 @@ setup(
         "tqdm>=4.66",
         "einops>=0.8",
         "safetensors>=0.4",
+        "webdataset==1.0.2",  # tokenized tar shards (data.loader=webdataset)
     ],
     extras_require={
-        "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda120"],
+        "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda120==2.4.0"],
+        "dali": ["nvidia-dali-cuda120==2.4.0"],  # data.loader=dali (CPU pipelines work without a GPU)
         "log": ["wandb>=0.17", "tensorboard>=2.16", "matplotlib>=3.8"],
         "hf": ["transformers>=4.45"],
         "chem": ["rdkit==2026.9.1", "fcd_torch==1.0.7", "scipy>=1.10", "threadpoolctl>=3"],

@@ -414,6 +414,12 @@ def validate_config(cfg: Config, world_size: int = 1, cuda_available: bool | Non
     if os.path.exists(cfg.run_dir) and not os.path.isdir(cfg.run_dir):
         raise ConfigError(f"run_dir={cfg.run_dir} is a file, not a directory; choose another run_dir")
     _validate_speed_features(cfg, cuda_available, te_available)
+    d = cfg.data
+    if te_available and (d.document_attention or d.variable_length_fraction) and t.micro_batch_size != 1:
+        # the TE layers take packed documents in the THD format (cu_seqlens), one sample per micro-batch
+        raise ConfigError(f"data.document_attention / data.variable_length_fraction on the Transformer Engine "
+                          f"layers pack documents as THD sequences of one sample: set train.micro_batch_size=1 "
+                          f"(got {t.micro_batch_size})")
 
 
 # Every number a run reads, with the range it must lie in: (low, high, low inclusive, high inclusive).

@@ -1,4 +1,6 @@
-"""Tokenize text into megatron-core indexed dataset files (<prefix>.bin / <prefix>.idx).
+"""Tokenize text into megatron-core indexed dataset files (<prefix>.bin / <prefix>.idx), or into
+tokenized webdataset shards (--output-format webdataset: <dir>/manifest.json + <split>-NNNNNN.tar,
+samples of --seq-length tokens, split into train/valid/test by --split; data/shards.py).
 
 Inputs (files or folders; folders are searched for *.txt, *.jsonl and *.json):
     *.txt            one document per file; with --split-blank-lines one document per
@@ -18,11 +20,16 @@ Every document is followed by the tokenizer's end-of-document id.  Examples:
     # a pretrained model's tokenizer (a Hugging Face folder with tokenizer.json), naming its tokens
     python tools/preprocess_data.py --input corpus.jsonl --tokenizer-path hf/LLaDA-8B-Base \\
         --eod-token '<|endoftext|>' --mask-token '<|mdm_mask|>' --output-prefix data/llada_text_document
+
+    # shards for data.loader=webdataset|dali: train with data.shards=[data/shards/manifest.json]
+    python tools/preprocess_data.py --input corpus.jsonl --tokenizer-path data_cache/shakespeare/tokenizer.json \\
+        --output-format webdataset --output-dir data/shards --seq-length 128 --split 90,10,0 --shard-bytes 256M
 """
 
 import argparse
 import glob
 import os
+import re
 import sys
 import warnings
 
@@ -32,6 +39,7 @@ from prosec_mcore.cli_errors import (
     iter_jsonl,
     reading_tokenizer,
     user_input_errors,
+    writable_dir,
     writable_file,
 )
 
@@ -95,6 +103,53 @@ def check_inputs(files, json_key) -> None:
         raise no_documents(files, "empty")
 
 
+def byte_size(text: str) -> int:
+    """--shard-bytes: a number of bytes, optionally with a K/M/G/T suffix (powers of 1000) or
+    KiB/MiB/GiB/TiB (powers of 1024)."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([kmgt]?)(i?)b?\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 268435456, 256M or 256MiB")
+    number, unit, binary = match.groups()
+    return int(float(number) * (1024 if binary else 1000) ** " kmgt".index(unit.lower() or " "))
+
+
+def check_output_options(args) -> None:
+    """--output-prefix for indexed files; --output-dir, --seq-length and a shard size for shards."""
+    shard_options = {"--output-dir": args.output_dir, "--seq-length": args.seq_length,
+                     "--samples-per-shard": args.samples_per_shard, "--shard-bytes": args.shard_bytes}
+    if args.output_format == "indexed":
+        given = [name for name, value in shard_options.items() if value is not None]
+        if given:
+            raise UserInputError(f"{given[0]} is for --output-format webdataset; drop it or add --output-format "
+                                 f"webdataset")
+        if args.output_prefix is None:
+            raise UserInputError("--output-prefix is required (writes <prefix>.bin and <prefix>.idx)")
+        writable_file(args.output_prefix, "--output-prefix")
+        return
+    if args.output_prefix is not None:
+        raise UserInputError("--output-format webdataset writes a folder: give --output-dir instead of "
+                             "--output-prefix")
+    if args.output_dir is None:
+        raise UserInputError("--output-format webdataset needs --output-dir (the shard set's folder)")
+    if args.seq_length is None or args.seq_length < 1:
+        raise UserInputError("--output-format webdataset needs --seq-length >= 1 (tokens per sample; "
+                             "data.seq_length must equal it)")
+    if args.samples_per_shard is None and args.shard_bytes is None:
+        raise UserInputError("--output-format webdataset needs --samples-per-shard and/or --shard-bytes "
+                             "(a shard closes at whichever comes first)")
+    for name in ("--samples-per-shard", "--shard-bytes"):
+        if shard_options[name] is not None and shard_options[name] < 1:
+            raise UserInputError(f"{name} must be >= 1, got {shard_options[name]}")
+    from prosec_mcore.data.shards import check_split
+
+    try:
+        check_split(args.split)
+    except ValueError:
+        raise UserInputError(f"--split {args.split!r} is not up to three non-negative shares with a positive sum, "
+                             f"like 90,10,0") from None
+    writable_dir(args.output_dir, "--output-dir")
+
+
 class Documents:
     """The documents of every input file in order, remembering which file is being read and how
     many non-blank documents came: the tokenizer's and the writer's errors do not know the file,
@@ -131,8 +186,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, help="files and/or folders")
-    parser.add_argument("--output-prefix", required=True,
-                        help="writes <prefix>.bin and <prefix>.idx")
+    parser.add_argument("--output-format", default="indexed", choices=["indexed", "webdataset"],
+                        help="indexed: <prefix>.bin/.idx; webdataset: tar shards and a manifest in --output-dir")
+    parser.add_argument("--output-prefix", default=None,
+                        help="indexed: writes <prefix>.bin and <prefix>.idx")
+    parser.add_argument("--output-dir", default=None, help="webdataset: the shard set's folder")
+    parser.add_argument("--seq-length", type=int, default=None, help="webdataset: tokens per sample")
+    parser.add_argument("--split", default="90,10,0",
+                        help="webdataset: train,valid,test shares of the documents (megatron's data.split)")
+    parser.add_argument("--samples-per-shard", type=int, default=None,
+                        help="webdataset: a shard closes at this many samples ...")
+    parser.add_argument("--shard-bytes", type=byte_size, default=None,
+                        help="webdataset: ... or before it passes this size (e.g. 256M, 1GiB)")
     parser.add_argument("--tokenizer-kind", default="hf_json",
                         choices=["hf_json", "gpt2_bpe", "char", "auto"])
     parser.add_argument("--tokenizer-path", required=True)
@@ -152,7 +217,7 @@ def main(argv=None) -> int:
     if not os.path.exists(args.tokenizer_path):
         raise UserInputError(f"--tokenizer-path {args.tokenizer_path} not found; "
                              f"tools/prepare_data.py writes a tokenizer.json")
-    writable_file(args.output_prefix, "--output-prefix")
+    check_output_options(args)
     check_inputs(files, args.json_key)
     from prosec_mcore.data.preprocess import preprocess_documents
     from prosec_mcore.data.tokenizer import build_tokenizer
@@ -165,6 +230,8 @@ def main(argv=None) -> int:
     docs = Documents(text_files, json_files, args)
     print(f"tokenizer: {tokenizer}")
     print(f"inputs: {len(text_files)} text file(s), {len(json_files)} JSONL file(s)")
+    if args.output_format == "webdataset":
+        return write_webdataset(args, docs, tokenizer, files)
     try:
         stats = preprocess_documents(docs, tokenizer, args.output_prefix,
                                      show_progress=not args.no_progress)
@@ -179,6 +246,47 @@ def main(argv=None) -> int:
           f"max id {stats['max_token_id']}, {stats['seconds']:.1f}s")
     for key in ("bin_path", "idx_path"):
         print(f"wrote {stats[key]} ({os.path.getsize(stats[key]):,} bytes)")
+    return 0
+
+
+def write_webdataset(args, docs, tokenizer, files) -> int:
+    """Tokenize as the indexed path does (blank documents skipped, EOD appended) and pack the
+    documents into shards (data/shards.py)."""
+    import time
+
+    from tqdm import tqdm
+
+    from prosec_mcore.data.shards import tokenized_documents, write_shards
+
+    def tokenized():  # a tokenizer error (an unknown character, an id beyond the vocabulary) names the file
+        try:
+            yield from tokenized_documents(tqdm(docs, unit="doc", desc="tokenizing", disable=args.no_progress),
+                                           tokenizer)
+        except UserInputError:
+            raise
+        except ValueError as err:
+            raise UserInputError(f"{docs.current}: {err}") from None
+
+    start = time.time()
+    try:
+        manifest = write_shards(tokenized(), args.output_dir, args.seq_length, args.split, tokenizer.vocab_size,
+                                tokenizer.eod, samples_per_shard=args.samples_per_shard, shard_bytes=args.shard_bytes,
+                                tokenizer=args.tokenizer_path)
+    except UserInputError:
+        raise
+    except ValueError as err:  # no documents, a split without one train sample, a bad --split
+        if docs.count == 0:
+            raise no_documents(files, f"blank texts or --json-key {args.json_key!r} values") from None
+        raise UserInputError(f"{args.output_dir}: {err}") from None
+    print(f"documents: {docs.count:,}, split {args.split}; samples of {args.seq_length} tokens, dtype "
+          f"{manifest['dtype']}, {time.time() - start:.1f}s")
+    for split, shards in manifest["splits"].items():
+        samples = sum(entry["samples"] for entry in shards)
+        size = sum(entry["bytes"] for entry in shards)
+        print(f"{split:5s}: {len(shards):,} shard(s), {samples:,} samples, {samples * args.seq_length:,} tokens, "
+              f"{size:,} bytes")
+    print(f"wrote {os.path.join(args.output_dir, 'manifest.json')} and the shards beside it "
+          f"(train with data.loader=webdataset data.shards=[{os.path.join(args.output_dir, 'manifest.json')}])")
     return 0
 
 

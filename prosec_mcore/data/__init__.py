@@ -16,13 +16,24 @@ where practical.
 """
 
 from prosec_mcore.data.corpus import prepare_shakespeare_corpus, strip_gutenberg_boilerplate
+from prosec_mcore.data.multisource import SOURCES as MULTISOURCE_SOURCES, prepare_multisource_corpus
 from prosec_mcore.data.batches import GlobalBatchIterator, load_document_labels, make_batch_iterator
 from prosec_mcore.data.datasets import build_datasets, check_indexed_dataset_files, validate_indexed_dataset
+from prosec_mcore.data.blends import (
+    DataSources,
+    data_sources_from_config,
+    is_single_prefix,
+    parse_blend,
+    require_single_prefix,
+    validate_blend_prefixes,
+)
 from prosec_mcore.data.preprocess import (
     iter_jsonl_documents,
     iter_text_documents,
     preprocess_documents,
 )
+from prosec_mcore.data.shards import check_shards, read_manifest, write_shards
+from prosec_mcore.data.shard_dataset import ShardBlend, ShardDataset, build_shard_source
 from prosec_mcore.data.tokenizer import (
     EOD_TOKEN,
     MASK_TOKEN,
@@ -38,18 +49,32 @@ __all__ = [
     "MASK_TOKEN",
     "PAD_TOKEN",
     "CharTokenizer",
+    "DataSources",
     "GlobalBatchIterator",
     "HFTokenizer",
+    "MULTISOURCE_SOURCES",
     "ProSeCoTokenizer",
+    "ShardBlend",
+    "ShardDataset",
     "build_datasets",
+    "build_shard_source",
     "build_tokenizer",
     "check_indexed_dataset_files",
+    "check_shards",
+    "data_sources_from_config",
+    "is_single_prefix",
     "iter_jsonl_documents",
     "iter_text_documents",
     "load_document_labels",
     "make_batch_iterator",
+    "parse_blend",
+    "prepare_multisource_corpus",
     "prepare_shakespeare_corpus",
     "preprocess_documents",
+    "read_manifest",
+    "require_single_prefix",
     "strip_gutenberg_boilerplate",
+    "validate_blend_prefixes",
     "validate_indexed_dataset",
+    "write_shards",
 ]

@@ -39,6 +39,13 @@ Bad data is refused before any training work, with a one-line ``ValueError`` (or
   hold fewer tokens than one sample of ``seq_length`` (megatron would fill the samples
   by repeating those few tokens epoch after epoch).
 
+Blends
+------
+:func:`build_datasets` also takes a :class:`~prosec_mcore.data.blends.DataSources`: several
+indexed datasets blended by weight (Megatron-LM's ``--data-path w1 prefix1 w2 prefix2``), cut by
+``data.split`` or given per split.  megatron-core's builder then returns ``BlendedDataset``
+objects; data/blends.py parses the config lists and checks every prefix and split first.
+
 Batches are drawn by data/batches.py.
 """
 
@@ -48,10 +55,14 @@ import json
 import os
 import struct
 import warnings
-from typing import Optional
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from prosec_mcore.data.blends import DataSources
 
 PREPARE_HINT = "Create them with `python tools/prepare_data.py` (or tools/preprocess_data.py)."
 RECREATE_HINT = "re-copy it or re-create it with tools/preprocess_data.py (or tools/prepare_data.py)"
@@ -59,6 +70,22 @@ _IDX_MAGIC = b"MMIDIDX\x00\x00"  # megatron.core.datasets.indexed_dataset._INDEX
 _IDX_HEADER_BYTES = 34  # magic (9) + version (8) + dtype code (1) + sequence count (8) + document count (8)
 # Hydra reads an unquoted comma list as a sweep: the override needs quotes the shell leaves alone.
 _VALID_FIX = "give the validation split documents, e.g. \"data.split='90,10,0'\", or set train.eval_interval=0"
+
+
+def scan_max_token_id(bin_path: str, dtype) -> int:
+    """Largest token id in a non-empty ``.bin`` file, scanned in chunks of a memmap."""
+    data = np.memmap(bin_path, dtype=dtype, mode="r")
+    chunk = 1 << 26
+    max_id = max(int(data[i:i + chunk].max()) for i in range(0, data.size, chunk))
+    del data
+    return max_id
+
+
+def vocabulary_mismatch(data_prefix: str, max_id: int, vocab_size: int) -> str:
+    """The one-line message for data holding a token id the tokenizer does not have."""
+    return (f"the tokenizer does not match the data: {data_prefix}.bin contains token id {max_id} "
+            f"but the tokenizer has vocab_size={vocab_size}. Use the tokenizer the data "
+            f"was preprocessed with, or re-run preprocessing with this tokenizer.")
 
 
 def _max_token_id(bin_path: str, dtype, cache_dir: str) -> int:
@@ -74,10 +101,7 @@ def _max_token_id(bin_path: str, dtype, cache_dir: str) -> int:
             return int(cached["max_token_id"])
     except (OSError, ValueError, KeyError):
         pass
-    data = np.memmap(bin_path, dtype=dtype, mode="r")
-    chunk = 1 << 26
-    max_id = max(int(data[i:i + chunk].max()) for i in range(0, data.size, chunk))
-    del data
+    max_id = scan_max_token_id(bin_path, dtype)
     os.makedirs(cache_dir, exist_ok=True)
     tmp = f"{cache_file}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -177,11 +201,7 @@ def validate_indexed_dataset(data_prefix: str, tokenizer, cache_dir: str):
         raise ValueError(f"indexed dataset {data_prefix} is empty (0 documents or 0 tokens)")
     max_id = _max_token_id(data_prefix + ".bin", indexed.index.dtype, cache_dir)
     if max_id >= tokenizer.vocab_size:
-        raise ValueError(
-            f"the tokenizer does not match the data: {data_prefix}.bin contains token id {max_id} "
-            f"but the tokenizer has vocab_size={tokenizer.vocab_size}. Use the tokenizer the data "
-            f"was preprocessed with, or re-run preprocessing with this tokenizer."
-        )
+        raise ValueError(vocabulary_mismatch(data_prefix, max_id, tokenizer.vocab_size))
     return indexed
 
 
@@ -208,10 +228,16 @@ class _WithoutPadding:
         return _PAD_TOKEN_ID
 
 
-def build_datasets(data_prefix: str, tokenizer, seq_length: int, split: str, seed: int,
-                   num_samples: tuple[int, int, int], cache_dir: str):
+def build_datasets(data_prefix: Union[str, "DataSources"], tokenizer, seq_length: int,
+                   split: Optional[str], seed: int, num_samples: tuple[int, int, int], cache_dir: str):
     """Build ``(train, valid, test)`` megatron ``GPTDataset`` objects of exactly
     ``seq_length`` tokens per sample (``dataset[i]["tokens"]``).
+
+    ``data_prefix`` is one indexed dataset prefix, or a :class:`~prosec_mcore.data.blends.DataSources`
+    (a blend, data/blends.py), which carries its own split string: ``split`` must then be
+    ``None`` or the same (per-split blends use no split string and ignore it).  A blend of several prefixes gives megatron ``BlendedDataset`` objects
+    (see :func:`_build_blended_datasets`); a ``DataSources`` of one prefix is the single-prefix
+    path below, unchanged.
 
     ``num_samples`` is the minimum number of samples per split; 0 means one epoch (pass 0
     for valid when validation is off).  The train split, and the valid split when asked for
@@ -223,27 +249,26 @@ def build_datasets(data_prefix: str, tokenizer, seq_length: int, split: str, see
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
     )
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.datasets.gpt_dataset import GPTDataset
 
     if seq_length < 1:
         raise ValueError(f"seq_length must be >= 1, got {seq_length}")
     if len(num_samples) != 3 or any(n < 0 for n in num_samples):
         raise ValueError(f"num_samples must be three non-negative ints, got {num_samples}")
+    if not isinstance(data_prefix, str):
+        from prosec_mcore.data.blends import is_single_prefix
+
+        sources = data_prefix
+        if split is not None and sources.blend is not None and split != sources.split:
+            raise ValueError(f"build_datasets was given split={split!r} and data sources with split "
+                             f"{sources.split!r}; pass split=None (the sources carry theirs)")
+        if not is_single_prefix(sources):
+            return _build_blended_datasets(sources, tokenizer, seq_length, seed, num_samples, cache_dir)
+        data_prefix, split = sources.blend[0][0], sources.split
     indexed = validate_indexed_dataset(data_prefix, tokenizer, cache_dir)
 
-    config = GPTDatasetConfig(
-        random_seed=seed,
-        sequence_length=seq_length,
-        blend=([data_prefix], None),
-        split=split,
-        path_to_cache=cache_dir,
-        tokenizer=_WithoutPadding(tokenizer),
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
-        add_extra_token_to_sequence=False,
-    )
+    config = _gpt_dataset_config(seed, seq_length, cache_dir, tokenizer, blend=([data_prefix], None),
+                                 split=split)
     # megatron splits by document ranges rounded to whole documents (a 0 share is None in
     # split_matrix and built as None). A split asked for samples needs documents holding at
     # least one sample's tokens: with none, GPTDataset would loop forever looking for tokens;
@@ -296,3 +321,68 @@ def _split_error(name: str, data_prefix: str, split: str, seq_length: int, reque
         "e.g. \"data.split='80,20,0'\", or more data), use a shorter data.seq_length, or set "
         "train.eval_interval=0")
     return f"{what}, but validation asks for {requested:,} samples; {fix}"
+
+
+def _gpt_dataset_config(seed: int, seq_length: int, cache_dir: str, tokenizer, **data):
+    """megatron's ``GPTDatasetConfig`` for diffusion samples: exactly ``seq_length`` tokens, no
+    causal mask, the tokenizer without a pad id; ``data`` is ``blend``/``blend_per_split``/``split``."""
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+    return GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        path_to_cache=cache_dir,
+        tokenizer=_WithoutPadding(tokenizer),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        add_extra_token_to_sequence=False,
+        **data,
+    )
+
+
+@contextmanager
+def _process_group_for_index_build():
+    """megatron-core 0.16.1's ``BlendedDataset`` asks ``torch.distributed`` for the rank before it
+    writes its index cache, even in a single process.  Without a process group (a script, a test)
+    a one-process gloo group over an in-memory store is opened for the build and closed after."""
+    dist = torch.distributed
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _build_blended_datasets(sources: "DataSources", tokenizer, seq_length: int, seed: int,
+                            num_samples: tuple[int, int, int], cache_dir: str):
+    """``(train, valid, test)`` of a blend of several prefixes, built by megatron-core's
+    ``BlendedMegatronDatasetBuilder`` (``BlendedDataset`` objects; a ``GPTDataset`` for a split
+    whose blend holds one prefix; ``None`` for a split not built).  Before any index is built,
+    every prefix is checked (data/blends.py: ``read_blend_metadata``, one line per bad prefix)
+    and so is every split the run reads (``plan_blend_build``, one line per short prefix)."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
+    from prosec_mcore.data.blends import SPLIT_NAMES, plan_blend_build, read_blend_metadata
+
+    metadata = read_blend_metadata(sources.prefixes, tokenizer, cache_dir)
+    plan = plan_blend_build(sources, metadata, seq_length, num_samples)
+    config = _gpt_dataset_config(seed, seq_length, cache_dir, tokenizer, blend=plan.blend,
+                                 blend_per_split=plan.blend_per_split, split=plan.split)
+    for i in plan.not_built:
+        config.split_matrix[i] = None
+    builder = BlendedMegatronDatasetBuilder(GPTDataset, plan.sizes, lambda: True, config)
+    with _process_group_for_index_build():
+        datasets = builder.build()
+    for i in (0, 1) if num_samples[1] > 0 else (0,):  # plan_blend_build should make this unreachable
+        if datasets[i] is None or len(datasets[i]) == 0:
+            raise ValueError(f"the blend {sources.describe()} yields no {SPLIT_NAMES[i]} sample of "
+                             f"data.seq_length={seq_length} tokens; use more data or a shorter data.seq_length")
+    return tuple(datasets)

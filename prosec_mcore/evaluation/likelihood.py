@@ -46,23 +46,23 @@ def evaluate_checkpoint(checkpoint: str, tp: int = 1, eval_iters: int | None = N
     EMA weights when the checkpoint has them (`ema`, as training validates) or the raw ones."""
     from megatron.core import parallel_state
 
-    from ..data import build_datasets, make_batch_iterator
+    from ..data import make_batch_iterator
+    from ..data.sources import build_run_data
     from ..diffusion.schedules import build_schedule
     from ..training.checkpoint import load_model_for_inference
     from ..training.step import NoiseSettings, ProSeCoStep, loss_options
-    from ..training.trainer import build_run_tokenizer, noise_settings, resolve_data_paths
+    from ..training.trainer import build_run_tokenizer, noise_settings, packing_settings, resolve_data_paths
 
     model, cfg, common, path = load_model_for_inference(checkpoint, tp, weights)
     t = cfg.train
     eval_iters = eval_iters or t.eval_iters
-    prefix, tok_path = resolve_data_paths(cfg)
+    _, tok_path = resolve_data_paths(cfg)
     tokenizer = build_run_tokenizer(cfg, tok_path)
     # The run's own validation set (the same request, hence the same samples in the same order),
     # larger only when more batches are asked for than the run validated on.
     valid_samples = max(eval_iters, t.eval_iters) * t.global_batch_size
     with tempfile.TemporaryDirectory(prefix="prosec_eval_") as cache:
-        _, valid, _ = build_datasets(prefix, tokenizer, cfg.data.seq_length, cfg.data.split, t.seed,
-                                     (t.global_batch_size, valid_samples, 0), cache)
+        valid = build_run_data(cfg, tokenizer, (t.global_batch_size, valid_samples, 0), cache).valid
         dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
         labels = None
         if cfg.data.labels:
@@ -74,7 +74,7 @@ def evaluate_checkpoint(checkpoint: str, tp: int = 1, eval_iters: int | None = N
         o = cfg.objective
         step = ProSeCoStep([model], model.config, o.name, loss_options(cfg), build_schedule(o.schedule, o.schedule_eps),
                            common.get("mask_id", tokenizer.mask_id), common.get("tokenizer_vocab_size", tokenizer.vocab_size),
-                           cfg.data.seq_length, t.micro_batch_size)
+                           cfg.data.seq_length, t.micro_batch_size, packing=packing_settings(cfg, tokenizer))
         noise: NoiseSettings = noise_settings(cfg, valid=True)
         metrics = validation_metrics(step, batches.microbatches, noise, eval_iters)
     metrics.update(checkpoint=os.path.abspath(path), iteration=int(common.get("iteration", 0)), eval_iters=eval_iters,

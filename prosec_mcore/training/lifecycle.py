@@ -203,7 +203,7 @@ class RunLifecycle:
         try:
             path = save_checkpoint(trainer, iteration, self.save_dir, self.cfg.checkpoint.keep_last,
                                    async_queue=self.async_queue, on_complete=self._announce_saved,
-                                   healthy=healthy, extra_state=trainer.extra_checkpoint_state())
+                                   healthy=healthy, extra_state=trainer.extra_checkpoint_state(iteration))
         except (Exception, CheckpointException) as err:  # noqa: BLE001 - checkpoint.py words every failure
             raise _save_failed(err) from err
         self.last_saved = iteration

@@ -28,7 +28,10 @@ from megatron.core.distributed import finalize_model_grads
 
 from ..config import Config, ConfigError, validate_config
 from ..config_loader import config_to_dict
-from ..data import build_datasets, build_tokenizer, load_document_labels, make_batch_iterator
+from ..data import build_tokenizer, load_document_labels, make_batch_iterator
+from ..data.loader import BatchLoader, describe_loading
+from ..data.sources import build_run_data, data_state, data_state_changes, default_prefix
+from ..diffusion.packing import PackingSettings
 from ..diffusion.noise import STREAM_TRAIN_MASK, STREAM_TRAIN_TIME, STREAM_VALID_MASK, STREAM_VALID_TIME
 from ..diffusion.schedules import build_schedule
 from ..evaluation.likelihood import validation_metrics
@@ -47,7 +50,8 @@ from .step import NoiseSettings, ProSeCoStep, loss_options
 
 
 def resolve_data_paths(cfg: Config) -> tuple[str, str | None]:
-    prefix = cfg.data.data_prefix or os.path.join(cfg.data.prepare_dir, f"{cfg.data.name}_text_document")
+    """The single indexed prefix (data.data_prefix or the bundled corpus's) and the tokenizer path."""
+    prefix = cfg.data.data_prefix or default_prefix(cfg)
     tok_path = cfg.data.tokenizer.path
     if tok_path is None and cfg.data.tokenizer.kind == "hf_json":
         tok_path = os.path.join(cfg.data.prepare_dir, "tokenizer.json")
@@ -58,6 +62,17 @@ def build_run_tokenizer(cfg: Config, tok_path):
     """The run's tokenizer, with the special-token names of `data.tokenizer` (None: defaults)."""
     t = cfg.data.tokenizer
     return build_tokenizer(t.kind, tok_path, mask_token=t.mask_token, eod_token=t.eod_token, pad_token=t.pad_token)
+
+
+def packing_settings(cfg: Config, tokenizer) -> PackingSettings | None:
+    """Document attention and variable-length cuts (data.document_attention,
+    data.variable_length_fraction; diffusion/packing.py), or None when both are off."""
+    d = cfg.data
+    if not d.document_attention and not d.variable_length_fraction:
+        return None
+    return PackingSettings(document_attention=d.document_attention, eod_id=tokenizer.eod,
+                           variable_length_fraction=d.variable_length_fraction, seed=cfg.train.seed,
+                           pad_id=tokenizer.pad)
 
 
 def noise_settings(cfg: Config, valid: bool) -> NoiseSettings:
@@ -120,7 +135,7 @@ class Trainer:
         self.loss_opts = loss_options(cfg)
         self.step = ProSeCoStep(self.model, self.tconfig, o.name, self.loss_opts,
                                 build_schedule(o.schedule, o.schedule_eps), self.mask_id, self.tokenizer_vocab_size,
-                                cfg.data.seq_length, t.micro_batch_size)
+                                cfg.data.seq_length, t.micro_batch_size, packing=packing_settings(cfg, self.tokenizer))
         self.health = HealthGuard(cfg.health, self.device)
         self._gradient_hooks = []
         self.logger = MetricsLogger(cfg.run_dir, t.iters, enabled=self.is_logger,
@@ -160,6 +175,10 @@ class Trainer:
                     group["max_lr"], group["min_lr"] = max_lr, min_lr
                 self.scheduler.step(increment=0)  # the rate of the resumed step under this run's schedule
             self.health.load_state_dict(start.common.get("health", {}))
+            changes = data_state_changes(start.common.get("data"), self.data.identity)
+            if changes and self.is_logger:
+                print(f"[prosec] note: the data differ from the checkpoint's ({'; '.join(changes)}): from iteration "
+                      f"{iteration + 1} on, the batches are not those the saved run would have read", flush=True)
             self.run.last_saved = iteration
         if self.is_logger:
             print(f"[prosec] {self.run.describe_start(start, rng_restored)}", flush=True)
@@ -170,10 +189,12 @@ class Trainer:
         """Where this run's checkpoints are (checkpoint.save_dir, or <run_dir>/checkpoints)."""
         return self.run.save_dir
 
-    def extra_checkpoint_state(self) -> dict:
+    def extra_checkpoint_state(self, iteration: int) -> dict:
         """What a checkpoint keeps besides model, optimizer, schedule and RNG: the guard's counters,
-        and the Hugging Face source of imported weights."""
-        extra = {"health": self.health.state_dict()}
+        the data's identity and position (data/sources.py), and the Hugging Face source of
+        imported weights."""
+        extra = {"health": self.health.state_dict(),
+                 "data": data_state(self.data.identity, iteration, self.cfg.train.global_batch_size, self.train_ds)}
         if self.hf_source:
             extra["hf_source"] = self.hf_source
         return extra
@@ -219,10 +240,9 @@ class Trainer:
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.dp_size)
         # Validation reads the same eval_iters global batches every time (`validate`): that is all it needs.
         eval_samples = t.eval_iters * t.global_batch_size if t.eval_interval else 0
-        self.train_ds, self.valid_ds, _ = build_datasets(
-            prefix, self.tokenizer, cfg.data.seq_length, cfg.data.split, t.seed,
-            (t.iters * t.global_batch_size, eval_samples, 0), os.path.join(cfg.run_dir, "dataset_cache"),
-        )
+        self.data = build_run_data(cfg, self.tokenizer, (t.iters * t.global_batch_size, eval_samples, 0),
+                                   os.path.join(cfg.run_dir, "dataset_cache"))
+        self.train_ds, self.valid_ds = self.data.train, self.data.valid
         self.labels = load_document_labels(cfg.data.labels, self.train_ds, cfg.model.num_classes) \
             if cfg.data.labels else None
 
@@ -248,14 +268,22 @@ class Trainer:
               f"params on rank 0: {n_params/1e6:.2f}M | vocab {self.vocab_size} (padded {padded_vocab_size(self.vocab_size, cfg.parallel.tp)})"
               + (f" of which the tokenizer's {self.tokenizer_vocab_size}" if self.tokenizer_vocab_size != self.vocab_size else "")
               + f" mask_id {self.mask_id}", flush=True)
-        print(f"[prosec] objective={cfg.objective.name} schedule={cfg.objective.schedule} | data {prefix} "
-              f"(train {len(self.train_ds)} samples of {cfg.data.seq_length} tokens) | tokenizer {tok_path}", flush=True)
+        size = "streamed" if getattr(self.train_ds, "endless", False) else f"{len(self.train_ds)}"
+        print(f"[prosec] objective={cfg.objective.name} schedule={cfg.objective.schedule} | data {self.data.description} "
+              f"(train {size} samples of {cfg.data.seq_length} tokens) | tokenizer {tok_path}", flush=True)
+        d = cfg.data
+        if d.document_attention or d.variable_length_fraction:
+            parts = (["document attention: no position attends across an EOD"] if d.document_attention else []) + (
+                [f"variable length: {d.variable_length_fraction:.3g} of the training samples cut to a random length "
+                 f"(the rest takes no part)"] if d.variable_length_fraction else [])
+            print(f"[prosec] packing: {' | '.join(parts)}", flush=True)
         if self.ema is not None:
             print(f"[prosec] EMA of the weights: decay {cfg.train.ema_decay}"
                   f"{' with warm-up min(decay, (1+n)/(10+n))' if cfg.train.ema_warmup else ''}; validation, "
                   f"sampling and export use the EMA weights", flush=True)
         print(f"[prosec] global batch {cfg.train.global_batch_size} = micro {cfg.train.micro_batch_size} x "
-              f"{self.num_microbatches} accumulation x dp {self.dp_size} | run dir {cfg.run_dir}", flush=True)
+              f"{self.num_microbatches} accumulation x dp {self.dp_size}, assembled "
+              f"{describe_loading(cfg.data.num_workers, cfg.data.prefetch)} | run dir {cfg.run_dir}", flush=True)
 
     def noise_settings(self, valid: bool) -> NoiseSettings:
         """The diffusion noise of a training (or validation) batch: seed, eps, the RNG streams."""
@@ -348,21 +376,39 @@ class Trainer:
             self.close()
 
     def _train(self) -> None:
+        t = self.cfg.train
+        if self.start_iteration >= t.iters and self.is_logger:
+            print(f"[prosec] nothing to do: the run is at iteration {self.start_iteration} and train.iters={t.iters}; "
+                  f"raise train.iters to train further", flush=True)
+        loader = self.batch_loader(self.start_iteration)
+        try:
+            self._iterate(loader)
+        finally:
+            loader.close()
+
+    def batch_loader(self, start_index: int) -> BatchLoader:
+        """The training batches from global batch `start_index` (0-based) to train.iters, assembled
+        ahead of the loop as data.num_workers / data.prefetch say (data/loader.py)."""
+        t, d = self.cfg.train, self.cfg.data
+        batches = make_batch_iterator(self.train_ds, t.global_batch_size, t.micro_batch_size, self.dp_rank,
+                                      self.dp_size, labels=self.labels)
+        return BatchLoader(batches, start_index, t.iters, d.num_workers, d.prefetch)
+
+    def _iterate(self, loader: BatchLoader) -> None:
         t, ck = self.cfg.train, self.cfg.checkpoint
         tokens_per_iter = t.global_batch_size * self.cfg.data.seq_length
         window_start, window_iters = time.time(), 0
         iteration = self.start_iteration
-        if self.start_iteration >= t.iters and self.is_logger:
-            print(f"[prosec] nothing to do: the run is at iteration {self.start_iteration} and train.iters={t.iters}; "
-                  f"raise train.iters to train further", flush=True)
         for iteration in range(self.start_iteration + 1, t.iters + 1):
+            _, microbatches = next(loader)
             begin = time.time()
-            metrics = self.train_step(self.microbatches(iteration - 1), iteration)
+            metrics = self.train_step(microbatches, iteration)
             elapsed = time.time() - begin
             window_iters += 1
             record = {"iteration": iteration, "loss": metrics["loss"], "mdm_loss": metrics["mdm_loss"],
                       "sc_loss": metrics["sc_loss"], "lr": metrics["lr"],
                       "tokens_per_s": tokens_per_iter / elapsed, "step_time_s": elapsed,
+                      "data_wait_s": loader.wait_s,
                       **self.accounting.metrics(elapsed),
                       **{k: v for k, v in metrics.items() if k not in ("loss", "mdm_loss", "sc_loss", "tokens", "lr")}}
             stop = metrics["update"] == "stopped"

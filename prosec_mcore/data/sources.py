@@ -1,0 +1,122 @@
+"""A run's training and validation samples, from whichever source the config names.
+
+``data.loader`` chooses how samples are stored and read:
+
+* ``indexed``: megatron indexed datasets (``.bin``/``.idx``), one (``data.data_prefix``) or a
+  weighted blend (``data.data_path``, per split ``data.train_data_path`` ...), built by
+  megatron-core's ``BlendedMegatronDatasetBuilder`` (data/datasets.py, data/blends.py);
+* ``webdataset``: tokenized tar shards named by a manifest (``data.shards``, or a weighted blend
+  of manifests), streamed with the webdataset library (data/shard_dataset.py);
+* ``dali``: the same shards decoded by NVIDIA DALI's webdataset reader (data/dali_decode.py).
+
+Every source answers ``source[i] -> {"tokens": [L], ...}`` for the global sample index ``i``, so
+the batches (data/batches.py), the noise and the resume logic are the same for all of them.
+
+:func:`data_state` is what a checkpoint records of the data: the sources' identity and the
+position reached. A resume compares it with the run's (:func:`data_state_changes`) and says what
+changed, because a changed blend, shard set, seed or batch size silently changes which samples
+the rest of the run sees.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+
+@dataclass
+class RunData:
+    """What the trainer needs of the data: the two sources and a line describing them."""
+
+    train: Any
+    valid: Any  # None when validation is off
+    description: str
+    identity: dict  # what must not change for an exact resume (see data_state)
+
+
+def default_prefix(cfg) -> str:
+    """The bundled corpus's indexed dataset, used when no data key names another."""
+    return os.path.join(cfg.data.prepare_dir, f"{cfg.data.name}_text_document")
+
+
+def build_run_data(cfg, tokenizer, num_samples: tuple[int, int, int], cache_dir: str) -> RunData:
+    """Train and valid sources of ``cfg.data`` (``num_samples``: the minimum number of train,
+    valid and test samples, as megatron's builder takes them; 0 valid samples: validation off).
+    Bad input raises a one-line ``ValueError`` naming the key or file."""
+    d, t = cfg.data, cfg.train
+    if d.loader == "indexed":
+        return _indexed(cfg, tokenizer, num_samples, cache_dir)
+    if d.data_prefix or d.data_path or d.train_data_path or d.valid_data_path or d.test_data_path:
+        raise ValueError(f"data.loader={d.loader} reads data.shards; data.data_prefix / data.*data_path name "
+                         f"indexed datasets: drop them, or set data.loader=indexed")
+    if not d.shards:
+        raise ValueError(f"data.loader={d.loader} needs data.shards=[<manifest.json>] (or [w1, manifest1, w2, "
+                         f"manifest2]); write shards with tools/preprocess_data.py --output-format webdataset")
+    if d.labels:
+        raise ValueError("data.labels (per-document labels) needs data.loader=indexed with one data.data_prefix")
+    from .shard_dataset import build_shard_source
+
+    dp = _dp_size()
+    streams = d.streams or dp
+    if streams % dp:
+        raise ValueError(f"data.streams={streams} must be divisible by the data-parallel size {dp}: each rank "
+                         f"reads streams/dp shard streams; choose a multiple of {dp}")
+    common = dict(seq_length=d.seq_length, seed=t.seed, global_batch_size=t.global_batch_size, streams=streams,
+                  tokenizer_vocab_size=tokenizer.vocab_size, shard_url=d.shard_url, decoder=d.loader)
+    train = build_shard_source(list(d.shards), "train", **common)
+    valid = build_shard_source(list(d.shards), "valid", **common) if num_samples[1] else None
+    shards = ", ".join(str(s) for s in d.shards)
+    description = (f"{d.loader} shards [{shards}] in {streams} stream(s) "
+                   f"({streams // dp} per data-parallel rank)")
+    return RunData(train, valid, description, {"loader": d.loader, **train.fingerprint()})
+
+
+def _indexed(cfg, tokenizer, num_samples, cache_dir) -> RunData:
+    from .blends import data_sources_from_config, is_single_prefix
+    from .datasets import build_datasets
+
+    d, t = cfg.data, cfg.train
+    if d.shards:
+        raise ValueError("data.shards names webdataset shards: set data.loader=webdataset (or dali), or drop "
+                         "data.shards to read indexed datasets")
+    sources = data_sources_from_config(d, default_prefix(cfg))
+    if d.labels and not is_single_prefix(sources):
+        raise ValueError("data.labels (one label per document) needs a single indexed dataset (data.data_prefix), "
+                         "not a blend; drop data.labels or the blend")
+    train, valid, _ = build_datasets(sources, tokenizer, d.seq_length, d.split, t.seed, num_samples, cache_dir)
+    description = sources.describe()
+    identity = {"loader": "indexed", "sources": description, "split": d.split, "seq_length": d.seq_length,
+                "seed": t.seed, "global_batch_size": t.global_batch_size}
+    return RunData(train, valid, description, identity)
+
+
+def _dp_size() -> int:
+    import torch
+
+    if not torch.distributed.is_initialized():
+        return 1
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_world_size()
+
+
+def data_state(identity: dict, iteration: int, global_batch_size: int, train_source=None) -> dict:
+    """What a checkpoint at ``iteration`` records of the data: the identity and the position (the
+    next global sample index; for shard streams also where each stream stands)."""
+    first = iteration * global_batch_size
+    state = {"identity": identity, "next_sample": first}
+    position, streams = getattr(train_source, "position", None), getattr(train_source, "streams", None)
+    if position is not None and streams:
+        per_stream = global_batch_size // streams
+        state["next_positions"] = [position(first + v * per_stream) for v in range(streams)]
+    return state
+
+
+def data_state_changes(saved: Optional[dict], identity: dict) -> list[str]:
+    """The keys of the data identity that differ between a checkpoint and this run (``[]``: the same
+    data, or a checkpoint from before data states were recorded)."""
+    if not saved or "identity" not in saved:
+        return []
+    before = saved["identity"]
+    return [f"{key}: {before.get(key)!r} -> {identity.get(key)!r}"
+            for key in sorted(set(before) | set(identity)) if before.get(key) != identity.get(key)]
