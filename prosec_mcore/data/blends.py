@@ -309,7 +309,7 @@ def read_blend_metadata(prefixes: list[str], tokenizer, cache_dir: str) -> dict[
                 problems.append(" ".join(str(err).split()))
                 continue
             cached[name], changed = entry, True
-        if entry["max_token_id"] >= tokenizer.vocab_size and prefix == prefixes[0]:
+        if entry["max_token_id"] >= tokenizer.vocab_size:
             problems.append(vocabulary_mismatch(prefix, entry["max_token_id"], tokenizer.vocab_size))
             continue
         metadata[prefix] = PrefixMetadata(entry["sequences"], entry["tokens"], entry["max_token_id"])

@@ -234,10 +234,10 @@ def build_datasets(data_prefix: Union[str, "DataSources"], tokenizer, seq_length
     ``seq_length`` tokens per sample (``dataset[i]["tokens"]``).
 
     ``data_prefix`` is one indexed dataset prefix, or a :class:`~prosec_mcore.data.blends.DataSources`
-    (a blend, data/blends.py), which carries its own split string: ``split`` must then be
-    ``None`` or the same (per-split blends use no split string and ignore it).  A blend of several prefixes gives megatron ``BlendedDataset`` objects
-    (see :func:`_build_blended_datasets`); a ``DataSources`` of one prefix is the single-prefix
-    path below, unchanged.
+    (a blend, data/blends.py) carrying its own split string: ``split`` must then be ``None`` or
+    the same (per-split blends use no split string and ignore it).  A blend of several prefixes
+    gives megatron ``BlendedDataset`` objects (see :func:`_build_blended_datasets`); a
+    ``DataSources`` of one prefix takes the single-prefix path below, unchanged.
 
     ``num_samples`` is the minimum number of samples per split; 0 means one epoch (pass 0
     for valid when validation is off).  The train split, and the valid split when asked for

@@ -19,6 +19,8 @@ the rest of the run sees.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -72,7 +74,7 @@ def build_run_data(cfg, tokenizer, num_samples: tuple[int, int, int], cache_dir:
 
 
 def _indexed(cfg, tokenizer, num_samples, cache_dir) -> RunData:
-    from .blends import data_sources_from_config, is_single_prefix
+    from .blends import data_sources_from_config, require_single_prefix
     from .datasets import build_datasets
 
     d, t = cfg.data, cfg.train
@@ -80,12 +82,13 @@ def _indexed(cfg, tokenizer, num_samples, cache_dir) -> RunData:
         raise ValueError("data.shards names webdataset shards: set data.loader=webdataset (or dali), or drop "
                          "data.shards to read indexed datasets")
     sources = data_sources_from_config(d, default_prefix(cfg))
-    if d.labels and not is_single_prefix(sources):
-        raise ValueError("data.labels (one label per document) needs a single indexed dataset (data.data_prefix), "
-                         "not a blend; drop data.labels or the blend")
+    if d.labels:
+        require_single_prefix(sources)
     train, valid, _ = build_datasets(sources, tokenizer, d.seq_length, d.split, t.seed, num_samples, cache_dir)
     description = sources.describe()
-    identity = {"loader": "indexed", "sources": description, "split": d.split, "seq_length": d.seq_length,
+    # the whole blend (describe() abbreviates long ones), as JSON-ready lists
+    identity = {"loader": "indexed", "sources": json.loads(json.dumps(dataclasses.asdict(sources))),
+                "split": d.split, "seq_length": d.seq_length,
                 "seed": t.seed, "global_batch_size": t.global_batch_size}
     return RunData(train, valid, description, identity)
 
@@ -118,5 +121,10 @@ def data_state_changes(saved: Optional[dict], identity: dict) -> list[str]:
     if not saved or "identity" not in saved:
         return []
     before = saved["identity"]
-    return [f"{key}: {before.get(key)!r} -> {identity.get(key)!r}"
+
+    def short(value) -> str:  # a blend of thousands of prefixes stays one readable line
+        text = repr(value)
+        return text if len(text) <= 160 else text[:150] + f"... ({len(text):,} chars)"
+
+    return [f"{key}: {short(before.get(key))} -> {short(identity.get(key))}"
             for key in sorted(set(before) | set(identity)) if before.get(key) != identity.get(key)]

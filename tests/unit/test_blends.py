@@ -12,7 +12,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from types import SimpleNamespace
 
 import numpy as np
