@@ -96,10 +96,10 @@ def _indexed(cfg, tokenizer, num_samples, cache_dir) -> RunData:
 def _dp_size() -> int:
     import torch
 
-    if not torch.distributed.is_initialized():
-        return 1
     from megatron.core import parallel_state
 
+    if not torch.distributed.is_initialized() or not parallel_state.model_parallel_is_initialized():
+        return 1  # a tool reading data outside a training run
     return parallel_state.get_data_parallel_world_size()
 
 
