@@ -85,3 +85,25 @@ def test_flags_and_overrides_mix_in_any_order():
     assert tool.parse_args(["model=tiny", "--tp", "2", "train.iters=3", "--pp", "2", "--sp", "objective=mdlm"]) == [
         "model=tiny", "train.iters=3", "objective=mdlm", "parallel.tp=2", "parallel.pp=2",
         "parallel.sequence_parallel=true"]
+
+
+@pytest.mark.parametrize("option", ["data.document_attention=true", "data.variable_length_fraction=0.01"])
+def test_packed_documents_on_te_layers_need_micro_batch_one(option):
+    # TE takes packed documents as THD sequences (cu_seqlens) of one sample per micro-batch
+    cfg = load_config([option, "train.micro_batch_size=2"])
+    with pytest.raises(ConfigError, match="train.micro_batch_size=1"):
+        validate_config(cfg, world_size=1, cuda_available=True, te_available=True)
+    validate_config(cfg, world_size=1, cuda_available=False, te_available=False)  # the local layers take a mask
+    validate_config(load_config([option, "train.micro_batch_size=1", "train.global_batch_size=4"]), world_size=1,
+                    cuda_available=True, te_available=True)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.loader=tfrecord", "data.loader='tfrecord' is not one of indexed, webdataset, dali"),
+    ("data.num_workers=-1", "data.num_workers=-1 is out of range"),
+    ("data.variable_length_fraction=1.5", "data.variable_length_fraction=1.5 is out of range"),
+    ("data.streams=0", "data.streams=0 is out of range"),
+])
+def test_data_loading_keys_are_checked(override, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config(load_config([override]), world_size=1)
