@@ -39,6 +39,9 @@ def main():
                  "run_dir=runs/benchmark-objective", *args.overrides]
     trainer = Trainer(load_config(overrides))
     trainer.step.time_phases = True  # ProSeCoStep fills last_timings with the seconds of each phase
+    # The phases of the two-call step (MDM pass, hand-off, SC pass); the one-call step, which runs both
+    # passes in one schedule call, is compared with it in benchmarks/one_call_schedule.py.
+    trainer.step.schedule_mode = "two_call"
     batch = trainer.microbatches(0)  # the same global batch for every step
     double = batch + trainer.microbatches(1)
 

@@ -184,6 +184,9 @@ class TrainConfig:
     fp8_amax_compute_algo: str = "max"  # delayed scaling only: max | most_recent
     # Activation recomputation (megatron-core): granularity full (whole layers; method uniform |
     # block, recompute_num_layers) or selective (core attention only).
+    # ProSeCo under pipeline parallelism: both passes in one schedule call (one_call), or one call
+    # per pass (two_call); auto: one call where y always reaches the first stage in time (step.py).
+    proseco_schedule: str = "auto"
     recompute_granularity: Optional[str] = None
     recompute_method: Optional[str] = None
     recompute_num_layers: Optional[int] = None
@@ -302,6 +305,7 @@ _CHOICES = {
     "train.fp8_recipe": ("delayed", "tensorwise"),
     "train.fp8_amax_compute_algo": ("max", "most_recent"),
     "train.recompute_granularity": (None, "full", "selective"),
+    "train.proseco_schedule": ("auto", "one_call", "two_call"),
     "train.recompute_method": (None, "uniform", "block"),
     "health.nonfinite": ("stop", "skip"),
     "health.spike_action": ("warn", "skip"),

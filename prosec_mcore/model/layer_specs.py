@@ -12,10 +12,22 @@ Two backends, chosen automatically (`select_backend`):
   local  megatron-core's own tensor-parallel linears; core attention through PyTorch's fused
          scaled_dot_product_attention (`sdpa_attention.py`, the default) or megatron-core's
          unfused DotProductAttention (`model.local_attention=unfused`); runs on CPU too.
-  te     Transformer Engine linears and fused attention (GPU). The norm stays a separate module
-         (not TE's fused LayerNorm+Linear) because adaLN modulates the norm's output before
-         the QKV projection.
-The attention projections (QKV, output) never have a bias; the MLP has one in the DiT style.
+  te     Transformer Engine linears and fused attention (GPU).
+The attention projections (QKV, output) never have a bias; the MLP has one in the DiT style, which
+its second linear adds itself (`_adds_own_bias`: megatron's MLP recomputation needs that).
+
+Neither backend fuses the norm into the next linear. megatron's own TE spec does (QKV and FC1 as
+`TELayerNormColumnParallelLinear`: y = W (norm(x) * gamma + beta), gamma and beta per feature):
+  * adaLN layers cannot: the modulation norm(x) * (1 + scale) + shift sits between the norm and
+    the linear, and scale and shift are per sample ([b, h]) while the fused norm applies one
+    per-feature gamma / beta to every token. The shift alone could move behind the GEMM (a
+    per-sample bias W shift), but the scale multiplies the features before W.
+  * unmodulated layers (llama, time_conditioning=none) could, and do not: the fused module needs
+    TransformerConfig.normalization="RMSNorm" (the builder leaves megatron's default LayerNorm,
+    for which TE would add a bias) and renames the norm weights (input_layernorm.weight becomes
+    self_attention.linear_qkv.layer_norm_weight, pre_mlp_layernorm.weight becomes
+    mlp.linear_fc1.layer_norm_weight), names the Hugging Face bridges, the name-seeded
+    initialisation and the TE-vs-local comparisons (tests/gpu) rely on.
 """
 from __future__ import annotations
 
@@ -104,6 +116,27 @@ def _no_bias(linear_class):
     return NoBias
 
 
+@functools.cache
+def _adds_own_bias(linear_class):
+    """The same row-parallel linear, adding its bias itself (`skip_bias_add=False`) where megatron's
+    MLP asks it to hand the bias back for the bias-dropout-add to add (the same sum, out + bias).
+
+    A bias handed back is the Parameter itself, and megatron's MLP recomputation
+    (`recompute_modules=["mlp"]`) returns the MLP's outputs from a reentrant autograd Function:
+    autograd then gives the bias Parameter that Function as its grad_fn, and the backward recurses
+    without end (megatron-core 0.16.1, torch 2.x). An MLP that adds its own bias returns a fresh
+    tensor and no bias. The adaLN layer adds the bias before its gate anyway (adaln_layer.py), so
+    the bias-dropout-add never receives one; for the plain layer, residual + Dropout(out + bias) is
+    unchanged."""
+
+    class AddsOwnBias(linear_class):
+        def __init__(self, *args, skip_bias_add: bool = False, **kwargs):
+            super().__init__(*args, skip_bias_add=False, **kwargs)
+
+    AddsOwnBias.__name__ = f"{linear_class.__name__}AddsOwnBias"
+    return AddsOwnBias
+
+
 def _linears(backend: str, local_attention: str = "sdpa"):
     if backend == "te":
         from megatron.core.extensions.transformer_engine import (
@@ -138,7 +171,7 @@ def layer_spec(style: str, time_conditioning: str, backend: str = "local", local
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=norm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=_adds_own_bias(row))),
             mlp_bda=get_bias_dropout_add,
         ),
     )

@@ -1,8 +1,10 @@
 """One ProSeCo training (or validation) step on megatron-core's pipeline schedules.
 
 The corrector input y = argmax x_theta(z_t) exists only on the *last* pipeline stage, after the
-first forward. One pass of megatron-core's schedule therefore cannot express a ProSeCo step when
-the model is pipelined. The step runs the schedule twice over the same micro-batches:
+first forward. The step either runs both passes in ONE schedule call of 2m micro-batches, sending
+each y_i from the last stage to the first as soon as it exists (training/one_call.py; chosen by
+`schedule_mode`, "auto" when megatron's data flow makes that safe), or runs the schedule twice
+over the same micro-batches (validation always does; this docstring describes that path):
 
     pass 1 (MDM)  forward/backward of x_theta(z_t) for every micro-batch; the last stage keeps
                   each micro-batch's argmax tokens y (a stop-gradient);
@@ -39,6 +41,7 @@ from ..diffusion.noise import NoisedBatch, apply_forward_process, drop_labels, s
 from ..diffusion.packing import PackingSettings, attention_inputs, fill_removed_positions, pack_microbatch
 from ..diffusion.schedules import NoiseSchedule
 from .faults import fault_injected
+from .one_call import CorrectorInputChannel, SchedulePlan, plan_schedule
 
 REPORT_KEYS = (
     "mdm_sum", "sc_sum", "sc_nll_sum", "tokens", "masked", "masked_correct", "errors", "errors_fixed", "removed",
@@ -121,11 +124,13 @@ class ProSeCoStep:
     `vocab_size` is the tokenizer's vocabulary: ids at or beyond it (model rows of a pretrained
     vocabulary, megatron padding) and `mask_id` are never predicted (losses.invalid_vocab_mask).
     `packing` (diffusion/packing.py): document attention and variable-length samples; None, or
-    settings that enable neither, run exactly the unrestricted computation."""
+    settings that enable neither, run exactly the unrestricted computation.
+    `schedule_mode` (train.proseco_schedule): "auto" | "one_call" | "two_call", how a ProSeCo
+    training step uses megatron's schedule (training/one_call.py; `describe_schedule`)."""
 
     def __init__(self, model_chunks, config, objective: str, loss_opts: losses.LossOptions,
                  schedule: NoiseSchedule, mask_id: int, vocab_size: int, seq_length: int, micro_batch_size: int,
-                 *, packing: PackingSettings | None = None):
+                 *, packing: PackingSettings | None = None, schedule_mode: str = "auto"):
         self.model = model_chunks
         self.config = config  # the TransformerConfig that megatron's schedule reads
         self.objective = objective
@@ -141,6 +146,9 @@ class ProSeCoStep:
         self.last_timings: dict = {}
         self.packing = packing
         self.backend = _backend_of(model_chunks[0])
+        plan_schedule(schedule_mode, 1, 1, 1)  # an unknown mode fails here, at construction
+        self.schedule_mode = schedule_mode
+        self._plans: dict = {}
         if packing is not None and packing.restricts_attention and self.backend == "te" and micro_batch_size != 1:
             raise ValueError(f"data.document_attention / data.variable_length_fraction on the Transformer Engine layers "
                              f"use megatron's thd format, which takes train.micro_batch_size=1 (got {micro_batch_size})")
@@ -151,37 +159,63 @@ class ProSeCoStep:
             self._invalid = losses.invalid_vocab_mask(logits.shape[-1], self.vocab_size, self.mask_id, logits.device)
         return self._invalid
 
-    def _mdm_loss(self, nb: NoisedBatch, index: int, store: dict, logits):
+    def _mdm_loss(self, nb: NoisedBatch, index: int, store: dict, scale: float, channel, logits):
+        """`scale`: 2 in a one-call step (megatron divides by 2m micro-batches there, not m);
+        `channel` (one call) sends y_i to the first stage at once."""
         terms = losses.mdm_terms(logits, nb.clean, nb.masked, nb.weight, self._invalid_ids(logits),
                                  self.opts.corrector_input, self.opts.cross_entropy_fusion)
         # A cut sample's removed positions (never masked, so no MDM loss) get the same input in the
         # corrector pass as in this one.
         pad_id = self.packing.pad_id if self.packing is not None else None
         store[index] = fill_removed_positions(nb, terms.corrector_input, pad_id)
+        if channel is not None:
+            channel.send(store[index])
         mdm_sum = terms.per_token.sum()
         masked = nb.masked.sum().float()
         removed = {} if nb.keep is None else {"removed": (~nb.keep).sum().float()}
         report = _report(logits.device, mdm_sum=mdm_sum.detach(), tokens=float(nb.clean.numel()), masked=masked,
                          masked_correct=terms.accuracy_on_masked * masked, **removed)
-        return self.opts.lambda_mdm * mdm_sum / nb.clean.numel(), report
+        return scale * self.opts.lambda_mdm * mdm_sum / nb.clean.numel(), report
 
-    def _sc_loss(self, nb: NoisedBatch, y: torch.Tensor, logits):
-        terms = losses.sc_terms(logits, nb.clean, y, nb.weight, self._invalid_ids(logits), self.opts, keep=nb.keep)
+    def _sc_loss(self, nb: NoisedBatch, index: int, store: dict, scale: float, logits):
+        """The corrector loss of micro-batch `index`, whose y the MDM loss left in `store`."""
+        terms = losses.sc_terms(logits, nb.clean, store[index], nb.weight, self._invalid_ids(logits), self.opts,
+                                keep=nb.keep)
         sc_sum = terms.per_token.sum()
         report = _report(logits.device, sc_sum=sc_sum.detach(), sc_nll_sum=terms.nll_per_token.sum(),
                          errors=terms.num_errors, errors_fixed=terms.correct_on_errors)
-        return self.opts.lambda_sc * sc_sum / nb.clean.numel(), report
+        return scale * self.opts.lambda_sc * sc_sum / nb.clean.numel(), report
 
     # ----------------------------------------------------------------- schedule passes
+    def schedule_plan(self, num_microbatches: int) -> SchedulePlan:
+        """One call or two for a ProSeCo training step of `num_microbatches` per rank (cached)."""
+        key = (self.schedule_mode, num_microbatches)  # benchmarks switch schedule_mode between steps
+        if key not in self._plans:
+            self._plans[key] = plan_schedule(
+                self.schedule_mode, parallel_state.get_pipeline_model_parallel_world_size(), len(self.model),
+                num_microbatches, getattr(self.config, "microbatch_group_size_per_vp_stage", None))
+        return self._plans[key]
+
+    def describe_schedule(self, num_microbatches: int) -> str:
+        """One line for the trainer's start-up report: how a training step calls the schedule."""
+        if self.objective != "proseco":
+            return f"{self.objective} schedule: one call of {num_microbatches} micro-batches"
+        return self.schedule_plan(num_microbatches).description
+
     def _run_pass(self, items, forward_only: bool, first_of_two: bool):
         """One call of megatron's schedule over `items` = [(model_input, sigma, labels, segments, loss_fn),
-        ...]; `segments` (diffusion/packing.py; None: attention unrestricted) become the attention
-        mask or thd parameters of this backend just for the forward that uses them."""
+        ...] (the same list for every model chunk, or one list per chunk); `model_input` may be a
+        callable that produces the input ids when the forward starts. `segments`
+        (diffusion/packing.py; None: attention unrestricted) become the attention mask or thd
+        parameters of this backend just for the forward that uses them."""
+        per_chunk = items if items and isinstance(items[0], list) else [items] * len(self.model)
         # The interleaved schedule reads one iterator per model chunk, each over all micro-batches.
-        iterator = iter(items) if len(self.model) == 1 else [iter(items) for _ in self.model]
+        iterator = iter(per_chunk[0]) if len(self.model) == 1 else [iter(chunk_items) for chunk_items in per_chunk]
 
         def forward_step(data_iterator, model):
             model_input, sigma, labels, segments, loss_fn = next(data_iterator)
+            if callable(model_input):
+                model_input = model_input()
             kwargs = {} if segments is None else attention_inputs(segments, self.backend)
             if labels is not None:
                 kwargs["labels"] = labels
@@ -203,7 +237,7 @@ class ProSeCoStep:
                     forward_step_func=forward_step,
                     data_iterator=iterator,
                     model=self.model,
-                    num_microbatches=len(items),
+                    num_microbatches=len(per_chunk[0]),
                     seq_length=self.seq_length,
                     micro_batch_size=self.micro_batch_size,
                     forward_only=forward_only,
@@ -224,6 +258,29 @@ class ProSeCoStep:
                                     group=parallel_state.get_pipeline_model_parallel_group())
         return list(stacked.unbind(0))
 
+    def _one_call_items(self, noised, segments, store: dict, channel: CorrectorInputChannel) -> list:
+        """Per model chunk: the m MDM micro-batches, then the m SC micro-batches (one_call.py).
+        Only the first virtual stage needs y_i as input ids (received when its forward starts);
+        the other stages take the shape from z_t, the last reads y_i from `store` in the loss."""
+        p_rank = parallel_state.get_pipeline_model_parallel_rank()
+        p_size = parallel_state.get_pipeline_model_parallel_world_size()
+        mdm = [(nb.noised, nb.sigma, nb.labels, seg, partial(self._mdm_loss, nb, i, store, 2.0, channel))
+               for i, (nb, seg) in enumerate(zip(noised, segments))]
+        per_chunk = []
+        for c in range(len(self.model)):
+            first = p_rank == 0 and c == 0
+            sc = []
+            for i, (nb, seg) in enumerate(zip(noised, segments)):
+                if not first:
+                    model_input = nb.noised  # shape only: this stage's input comes from the previous one
+                elif p_size == 1:
+                    model_input = partial(store.__getitem__, i)
+                else:
+                    model_input = partial(channel.receive, nb.clean)
+                sc.append((model_input, nb.sigma, nb.labels, seg, partial(self._sc_loss, nb, i, store, 2.0)))
+            per_chunk.append(mdm + sc)
+        return per_chunk
+
     def run(self, microbatches: list, noise: NoiseSettings, forward_only: bool = False, with_corrector=None,
             variable_length: bool | None = None) -> dict:
         """Forward (and backward unless forward_only) of one global batch; returns global metrics.
@@ -231,7 +288,7 @@ class ProSeCoStep:
         variable_length: cut samples as `self.packing.variable_length_fraction` asks; None: only when
         training (not forward_only), so validation and evaluation score whole samples.
         With `self.time_phases` set, `self.last_timings` keeps the seconds spent in each phase
-        (noise, mdm_pass, handoff, sc_pass) for the benchmark tools.
+        (noise, mdm_pass, handoff, sc_pass; a one-call step: noise, joint_pass) for the benchmark tools.
         """
         with_corrector = self.objective == "proseco" if with_corrector is None else with_corrector
         cut = not forward_only if variable_length is None else variable_length
@@ -243,18 +300,24 @@ class ProSeCoStep:
                     for mb, nb in zip(microbatches, noised)]
         clock.lap("noise")
         store: dict = {}
-        items = [(nb.noised, nb.sigma, nb.labels, seg, partial(self._mdm_loss, nb, i, store))
-                 for i, (nb, seg) in enumerate(zip(noised, segments))]
-        reports = list(self._run_pass(items, forward_only, first_of_two=with_corrector))
-        clock.lap("mdm_pass")
-        if with_corrector:
-            ys = self._share_corrector_inputs(store, len(noised), noised[0].clean)
-            clock.lap("handoff")
-            # The corrector pass of a micro-batch attends exactly as its MDM pass: the same segments.
-            items = [(y, nb.sigma, nb.labels, seg, partial(self._sc_loss, nb, y))
-                     for nb, y, seg in zip(noised, ys, segments)]
-            reports += list(self._run_pass(items, forward_only, first_of_two=False))
-            clock.lap("sc_pass")
+        if with_corrector and not forward_only and self.schedule_plan(len(noised)).one_call:
+            channel = CorrectorInputChannel()
+            reports = list(self._run_pass(self._one_call_items(noised, segments, store, channel), False, False))
+            channel.finish()
+            clock.lap("joint_pass")
+        else:
+            items = [(nb.noised, nb.sigma, nb.labels, seg, partial(self._mdm_loss, nb, i, store, 1.0, None))
+                     for i, (nb, seg) in enumerate(zip(noised, segments))]
+            reports = list(self._run_pass(items, forward_only, first_of_two=with_corrector))
+            clock.lap("mdm_pass")
+            if with_corrector:
+                ys = self._share_corrector_inputs(store, len(noised), noised[0].clean)
+                clock.lap("handoff")
+                # The corrector pass of a micro-batch attends exactly as its MDM pass: the same segments.
+                items = [(y, nb.sigma, nb.labels, seg, partial(self._sc_loss, nb, i, store, 1.0))
+                         for i, (nb, y, seg) in enumerate(zip(noised, ys, segments))]
+                reports += list(self._run_pass(items, forward_only, first_of_two=False))
+                clock.lap("sc_pass")
         self.last_timings = clock.laps
         return self._reduce_reports(reports, with_removed=cut and self.packing is not None
                                     and self.packing.variable_length_fraction > 0)

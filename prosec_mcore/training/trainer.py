@@ -135,7 +135,12 @@ class Trainer:
         self.loss_opts = loss_options(cfg)
         self.step = ProSeCoStep(self.model, self.tconfig, o.name, self.loss_opts,
                                 build_schedule(o.schedule, o.schedule_eps), self.mask_id, self.tokenizer_vocab_size,
-                                cfg.data.seq_length, t.micro_batch_size, packing=packing_settings(cfg, self.tokenizer))
+                                cfg.data.seq_length, t.micro_batch_size, packing=packing_settings(cfg, self.tokenizer),
+                                schedule_mode=t.proseco_schedule)
+        try:  # megatron's interleaved schedule may refuse 2m micro-batches in one call: say so now
+            self.schedule_line = self.step.describe_schedule(self.num_microbatches)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
         self.health = HealthGuard(cfg.health, self.device)
         self._gradient_hooks = []
         self.logger = MetricsLogger(cfg.run_dir, t.iters, enabled=self.is_logger,
@@ -271,6 +276,8 @@ class Trainer:
         size = "streamed" if getattr(self.train_ds, "endless", False) else f"{len(self.train_ds)}"
         print(f"[prosec] objective={cfg.objective.name} schedule={cfg.objective.schedule} | data {self.data.description} "
               f"(train {size} samples of {cfg.data.seq_length} tokens) | tokenizer {tok_path}", flush=True)
+        if cfg.objective.name == "proseco":
+            print(f"[prosec] {self.schedule_line}", flush=True)
         d = cfg.data
         if d.document_attention or d.variable_length_fraction:
             parts = (["document attention: no position attends across an EOD"] if d.document_attention else []) + (
