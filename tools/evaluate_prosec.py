@@ -25,7 +25,8 @@ def evaluate_nelbo(args) -> dict:
 
     path = check_checkpoint(args.checkpoint)
     with reading_checkpoint(path):
-        return evaluate_checkpoint(path, tp=args.tp, eval_iters=args.eval_iters, weights=args.weights)
+        return evaluate_checkpoint(path, tp=args.tp, eval_iters=args.eval_iters, weights=args.weights,
+                                   with_corrector=True if args.corrector else None)
 
 
 SAMPLES_HINT = "tools/generate_prosec.py writes one JSON object with 'tokens' per line"
@@ -102,6 +103,9 @@ def main(argv=None) -> int:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--weights", choices=("ema", "raw"), default="ema",
                    help="the checkpoint's EMA weights when it has them (default, as training validates) or the raw ones")
+    p.add_argument("--corrector", action="store_true",
+                   help="also the corrector pass (NLL of x given y = argmax) for an MDLM checkpoint, whose "
+                        "training validation skips it; a ProSeCo checkpoint always has it")
     p.add_argument("--out", default=None)
     s = sub.add_parser("samples", help="metrics of sample files from tools/generate_prosec.py")
     s.add_argument("files", nargs="+")

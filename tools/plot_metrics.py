@@ -65,8 +65,10 @@ def main(argv=None) -> int:
         valid = [r for r in rows if "valid_nelbo" in r]
         if valid:
             axes[2].plot([r["iteration"] for r in valid], [r["valid_nelbo"] for r in valid], "o-", label=f"{label} NELBO")
-            axes[2].plot([r["iteration"] for r in valid], [r["valid_corrector_nll"] for r in valid], "s--",
-                         label=f"{label} corrector NLL")
+            corrector = [r for r in valid if "valid_corrector_nll" in r]  # MDLM runs validate without it
+            if corrector:
+                axes[2].plot([r["iteration"] for r in corrector], [r["valid_corrector_nll"] for r in corrector], "s--",
+                             label=f"{label} corrector NLL")
     for ax, title in zip(axes, ("MDM loss (train)", "self-correction loss (train)", "validation (per token)")):
         ax.set_title(title)
         ax.set_xlabel("iteration")

@@ -211,7 +211,9 @@ def training_table(args, out):
             with open(path) as f:
                 rows = [json.loads(line) for line in f if line.strip()]
             valid = [r for r in rows if "valid_nelbo" in r][-1]
-            finals.append({"valid_nelbo": valid["valid_nelbo"], "valid_corrector_nll": valid["valid_corrector_nll"],
+            # MDLM runs validate without the corrector pass since issue 16 (nan: not measured)
+            finals.append({"valid_nelbo": valid["valid_nelbo"],
+                           "valid_corrector_nll": valid.get("valid_corrector_nll", float("nan")),
                            "minutes": sum(r["step_time_s"] for r in rows) / 60})
         if finals:
             agg = {k: statistics.mean(f[k] for f in finals) for k in finals[0]}

@@ -32,6 +32,22 @@ plain vocab-parallel one, its `native` fused one (torch.compile-fused elementwis
 all-reduce instead of two; its backward returns bf16 logit gradients, so it is for bf16 runs),
 and Transformer Engine's Triton kernel (`te`, GPU; it writes the logit gradient into the logits
 tensor during the forward, so every other use of the logits, the argmax, comes first).
+
+Memory. The logits [b, L, V/tp] are the largest activation of a step (micro-batch 4, L = 512 and
+GPT-2's 50,257 ids: 412 MB in fp32), so `mdm_terms` and `sc_terms` make no copy of them of their
+own: the never-predicted ids are set to -inf *in place* (`suppress_invalid_`) and the argmax reads
+the logits in their own dtype. Both are exact. In place is safe under autograd because nothing
+between the output layer and the loss keeps the logits for its backward (the output layer's
+matmul keeps its input and weight, `transpose(0, 1).contiguous()` keeps nothing); were that ever
+false, autograd's version counter would stop the backward with an error rather than compute a
+wrong gradient. The fill itself stays out of the autograd graph: the cross-entropy's gradient at a
+-inf logit is exactly 0, which is all masked_fill's backward would enforce, at the price of a
+masked copy of the logit gradient (`suppress_invalid_`). The two functions therefore consume
+their logits, as megatron's cross-entropy already does to fp32 logits (it turns them into the
+softmax in place): a caller that needs the logits afterwards passes a clone. The argmax needs no
+fp32 copy either: converting bf16 to fp32 is exact and order-preserving, so the maximum and its
+first position are the same in either dtype (tests/unit/test_logits_memory.py checks all three:
+values, ties, gradients).
 """
 from __future__ import annotations
 
@@ -57,8 +73,24 @@ def invalid_vocab_mask(local_vocab: int, vocab_size: int, mask_id: int, device=N
 
 
 def suppress_invalid(logits: torch.Tensor, invalid: torch.Tensor) -> torch.Tensor:
-    """Set the logits of never-predicted ids to -inf (out of place, autograd-safe)."""
+    """A copy of `logits` with the never-predicted ids at -inf (for callers that keep the logits)."""
     return logits.masked_fill(invalid, float("-inf"))
+
+
+def suppress_invalid_(logits: torch.Tensor, invalid: torch.Tensor) -> torch.Tensor:
+    """Set the logits of never-predicted ids to -inf in place and return them (no copy), for the
+    cross-entropy and the argmax of this module only.
+
+    The fill is not recorded by autograd, so its backward allocates no masked copy of the logit
+    gradient either. The gradient is still that of `suppress_invalid`: masked_fill's backward would
+    zero the gradient at the filled ids, and the cross-entropy's gradient there is already exactly
+    0 (softmax at a -inf logit is exp(-inf) = 0, and no target is an invalid id). A leaf tensor that
+    requires grad (a test's input; a model's output never is one) is not changed: it gets the copy."""
+    if logits.is_leaf and logits.requires_grad:
+        return suppress_invalid(logits, invalid)
+    with torch.no_grad():
+        logits.masked_fill_(invalid, float("-inf"))
+    return logits
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, fusion: str = "none") -> torch.Tensor:
@@ -86,11 +118,17 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, fusion: str = "non
 
 @torch.no_grad()
 def vocab_parallel_argmax(logits: torch.Tensor) -> torch.Tensor:
-    """Global argmax over a vocab-sharded last dimension. Ties go to the lowest id, as torch.argmax."""
-    local_max, local_idx = logits.float().max(dim=-1)
+    """Global argmax over a vocab-sharded last dimension. Ties go to the lowest id, as torch.argmax.
+
+    Read in the logits' own dtype: bf16 -> fp32 is exact and order-preserving, so an fp32 copy of
+    the logits would find the same maximum at the same first position (torch.max over a dimension
+    returns the first maximal index, on CPU and GPU). Only the per-position maxima, [b, L], are
+    widened to fp32 for the exchange between shards (exact, and every backend reduces fp32)."""
+    local_max, local_idx = logits.max(dim=-1)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if tp == 1:
         return local_idx
+    local_max = local_max.float()
     global_idx = local_idx + parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
     group = parallel_state.get_tensor_model_parallel_group()
     maxes = [torch.empty_like(local_max) for _ in range(tp)]
@@ -130,9 +168,10 @@ def mdm_terms(logits: torch.Tensor, clean, masked, weight, invalid, corrector_in
               fusion: str = "none") -> MDMTerms:
     """First forward: the masked-diffusion loss on z_t and the corrector input y.
 
-    logits: [b, L, V/tp] from x_theta(z_t); clean, masked: [b, L]; weight: w(t), [b].
+    logits: [b, L, V/tp] from x_theta(z_t), consumed (overwritten in place, see the module
+    docstring); clean, masked: [b, L]; weight: w(t), [b].
     """
-    logits = suppress_invalid(logits, invalid)
+    logits = suppress_invalid_(logits, invalid)
     y = vocab_parallel_argmax(logits.detach())  # before the cross-entropy: TE's kernel overwrites logits
     ce = cross_entropy(logits, clean, fusion)  # [b, L]
     per_token = torch.where(masked, ce * weight[:, None], torch.zeros_like(ce))
@@ -147,9 +186,10 @@ def sc_terms(logits: torch.Tensor, clean, corrector_input, weight, invalid, opts
              keep: torch.Tensor | None = None) -> SCTerms:
     """Second forward: the self-correction loss of x_theta(y) against x at every position.
 
-    keep: [b, L] bool, the positions that take part (None: all). The removed part of a cut sample
-    (diffusion/packing.py) adds exactly 0 to the loss, the NLL and the counts."""
-    logits = suppress_invalid(logits, invalid)
+    logits: [b, L, V/tp] from x_theta(y), consumed like mdm_terms'. keep: [b, L] bool, the positions
+    that take part (None: all). The removed part of a cut sample (diffusion/packing.py) adds
+    exactly 0 to the loss, the NLL and the counts."""
+    logits = suppress_invalid_(logits, invalid)
     prediction = vocab_parallel_argmax(logits.detach())
     ce = cross_entropy(logits, clean, opts.cross_entropy_fusion)  # -log p_theta(x | y), [b, L]
     w = weight[:, None] if opts.weighted_corrector_loss else torch.ones_like(weight)[:, None]

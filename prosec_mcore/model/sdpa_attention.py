@@ -16,11 +16,21 @@ bool mask [b, 1, s, s] (True = masked out) arrives as `attention_mask` and goes 
 0). With a mask PyTorch does not use its flash kernel on a GPU (it picks cuDNN, memory-efficient or
 math attention).
 
+Grouped-query attention (K/V heads shared by groups of `group` consecutive query heads: query
+head h reads K/V head h // group, megatron's layout) goes to SDPA as is, with `enable_gqa=True`,
+rather than as K/V repeated to one head per query head: the fused kernels index the shared head
+themselves, so the repeated K/V ([b, heads, s, d] each, and their gradients) never exist. On CPU
+the flash kernel does so with or without a mask (the tests read the profiler trace); with dropout
+PyTorch takes its math kernel on CPU, which repeats K/V internally (the cost of the explicit
+repeat, no more). On an NVIDIA GPU, PyTorch's kernel choice (sdp_utils.cpp) admits GQA for flash,
+cuDNN and memory-efficient attention alike; on ROCm the memory-efficient kernel refuses it, so a
+masked GQA call there falls back to math attention (not measured here: no GPU).
+
 Everything else is inherited from megatron's DotProductAttention: the heads of this tensor-
-parallel rank, grouped-query attention (K/V heads shared by groups of query heads), the softmax
-scale (1/sqrt(head dim), `softmax_scale`, query-key layer scaling) and attention dropout, drawn
-under megatron's model-parallel RNG tracker as megatron does. The tests compare the two classes
-on the same inputs (tests/unit/test_sdpa_attention.py).
+parallel rank, the number of K/V groups, the softmax scale (1/sqrt(head dim), `softmax_scale`,
+query-key layer scaling) and attention dropout, drawn under megatron's model-parallel RNG tracker
+as megatron does. The tests compare the two classes on the same inputs
+(tests/unit/test_sdpa_attention.py, tests/unit/test_logits_memory.py for the GQA kernel path).
 """
 from __future__ import annotations
 
@@ -55,20 +65,20 @@ class SDPAttention(DotProductAttention):
         seq, batch = query.shape[0], query.shape[1]
         # [s, b, heads, d] -> [b, heads, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        group = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
-        if group > 1:  # grouped-query attention: every K/V head serves `group` query heads
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        # grouped-query attention: every K/V head serves a group of consecutive query heads
+        gqa = self.num_attention_heads_per_partition != self.num_query_groups_per_partition
         dropout = self.attention_dropout.p if self.training else 0.0
         attend = None if attention_mask is None else ~attention_mask  # [b, 1, s, s], broadcast over heads
-        context = self._attend(q, k, v, dropout, attend)
+        context = self._attend(q, k, v, dropout, attend, gqa)
         # [b, heads, s, d] -> [s, b, heads * d]
         return context.permute(2, 0, 1, 3).reshape(seq, batch, self.hidden_size_per_partition)
 
-    def _attend(self, q, k, v, dropout: float, attend: torch.Tensor | None) -> torch.Tensor:
+    def _attend(self, q, k, v, dropout: float, attend: torch.Tensor | None, gqa: bool) -> torch.Tensor:
         if dropout == 0.0:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attend, scale=self.sdpa_scale)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attend, scale=self.sdpa_scale, enable_gqa=gqa)
         # The RNG choice of megatron's DotProductAttention: the model-parallel tracker's stream,
         # except under sequence parallelism.
         with tensor_parallel.get_cuda_rng_tracker().fork() if not self.config.sequence_parallel else nullcontext():
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=dropout, scale=self.sdpa_scale)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=dropout, scale=self.sdpa_scale,
+                                                  enable_gqa=gqa)
 

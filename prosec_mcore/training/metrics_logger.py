@@ -81,8 +81,9 @@ class MetricsLogger:
                     f" | sc {record['sc_loss']:.4f} | lr {record['lr']:.2e} | grad_norm {record.get('grad_norm', 0.0):.3f}"
                     f" | {record['tokens_per_s']:.0f} tok/s{_speed(record)}{eta}")
             if "valid_nelbo" in record:
-                line += (f"\n           valid: nelbo {record['valid_nelbo']:.4f} | ppl<= {record['valid_ppl_bound']:.2f}"
-                         f" | corrector_nll {record['valid_corrector_nll']:.4f}")
+                line += f"\n           valid: nelbo {record['valid_nelbo']:.4f} | ppl<= {record['valid_ppl_bound']:.2f}"
+                if "valid_corrector_nll" in record:  # absent when an MDLM run skips the corrector pass
+                    line += f" | corrector_nll {record['valid_corrector_nll']:.4f}"
             print(line, flush=True)
 
     def close(self) -> None:

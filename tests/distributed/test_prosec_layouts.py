@@ -117,7 +117,8 @@ def test_layout_matches_single_process(reference, layout, tmp_path, shakespeare_
     for got, want in zip(metrics, ref_metrics):
         for key in ("loss", "mdm_loss", "sc_loss", "grad_norm", "denoiser_accuracy"):
             assert got[key] == pytest.approx(want[key], rel=LOSS_RTOL, abs=1e-7), (layout, got["iteration"], key)
-    for key in ("valid_nelbo", "valid_corrector_nll"):
+    # an MDLM run validates without the corrector pass (evaluation/likelihood.py)
+    for key in ("valid_nelbo", "valid_corrector_nll") if objective == "proseco" else ("valid_nelbo",):
         assert metrics[-1][key] == pytest.approx(ref_metrics[-1][key], rel=LOSS_RTOL), (layout, key)
     if objective == "proseco":
         assert all(m["sc_loss"] > 0 for m in metrics)

@@ -138,7 +138,7 @@ def reference_worker(overrides_json: str, hf_dir: str, out_path: str) -> None:
         hf_logits = hf(input_ids=nb.noised).logits
         invalid = losses.invalid_vocab_mask(padded, trainer.step.vocab_size, trainer.mask_id)
         suppressed = losses.suppress_invalid(logits, invalid)
-        terms = losses.mdm_terms(logits, nb.clean, nb.masked, nb.weight, invalid)
+        terms = losses.mdm_terms(logits.clone(), nb.clean, nb.masked, nb.weight, invalid)  # it consumes its logits
         bad = torch.zeros(padded, dtype=torch.bool)
         bad[MASK_ID] = True
         bad[TOKENIZER_VOCAB:] = True
