@@ -133,7 +133,7 @@ def import_from_hf(hf_dir: str, save_dir: str) -> dict:
     if is_complete(path):  # never overwrite a checkpoint that counts
         raise ValueError(f"{path} already holds a complete checkpoint; import into another --out directory")
     _single_process_world()
-    model = build_model(cfg, bridge.vocab_size(resolved))
+    model = build_model(cfg, bridge.vocab_size(resolved), random_init=False)  # every weight comes from the folder
     params = _params(model)
     seen = set()
     for name, tensor in shards.iter_tensors(hf_dir):  # one tensor in memory at a time
@@ -144,6 +144,10 @@ def import_from_hf(hf_dir: str, save_dir: str) -> dict:
         raise ValueError(f"the weights lack {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1
                                                               else "") + f" that config.json's model needs")
 
+    unset = [name for name, p in params.items() if not bool(torch.isfinite(p).all())]
+    if unset:  # built uninitialised: a parameter no HF tensor filled would be saved as NaN
+        raise ValueError(f"the import filled no value for {unset[0]}" + (f" (and {len(unset) - 1} more)" if len(unset) > 1
+                         else "") + "; the bridge maps no tensor of config.json's model to it")
     if os.path.exists(path):  # an interrupted earlier import
         shutil.rmtree(path)
     os.makedirs(path)

@@ -1,4 +1,22 @@
-"""Build this rank's piece of the ProSeCo model from the typed run configuration."""
+"""Build this rank's piece of the ProSeCo model from the typed run configuration.
+
+`random_init=False` builds without megatron's random initialisation (megatron-core's
+``perform_initialization=False``), for a model whose weights come next from a checkpoint, a
+Hugging Face import or ``runtime.init.init_weights_layout_independent``: megatron then draws
+nothing (on CPU it would draw every weight's full master tensor on every rank), but it also
+skips two things it does only on that path, which `_complete_uninitialised` does instead:
+
+* the tensor-parallel attributes (``tensor_model_parallel``, ``partition_dim``,
+  ``partition_stride``) of the weights of its own parallel linears and embedding, which DDP,
+  gradient-norm clipping and the layout-independent init read (Transformer Engine's layers set
+  them themselves);
+* zeroing those layers' biases (Transformer Engine zeroes its own).
+
+The matrices that must then be written (those `init_weights_layout_independent` draws) are
+filled with NaN, so one that no checkpoint or import writes shows up at once instead of training
+from leftover memory. Norm weights (ones), the time embedder and the zero-initialised adaLN
+modulations are set by their own modules either way.
+"""
 from __future__ import annotations
 
 import math
@@ -7,8 +25,12 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                                  set_tensor_model_parallel_attributes)
+from megatron.core.transformer.mlp import MLP
 
 from ..config import Config, ConfigError
+from ..runtime.init import is_drawn
 from .layer_specs import block_spec, describe_backend, select_backend
 from .prosec_model import ProSeCoModel, ProSeCoTransformerConfig
 
@@ -30,10 +52,11 @@ def params_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def transformer_config(cfg: Config) -> ProSeCoTransformerConfig:
+def transformer_config(cfg: Config, random_init: bool = True) -> ProSeCoTransformerConfig:
     """megatron-core's TransformerConfig for this run: shape, parallel layout, precision (bf16 or
     fp32 parameters; FP8 GEMMs through Transformer Engine with `train.fp8`), activation
-    recomputation and CUDA graphs. validate_config has already refused what cannot run here."""
+    recomputation and CUDA graphs. validate_config has already refused what cannot run here.
+    random_init: megatron's `perform_initialization` (module docstring)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     dtype = params_dtype(cfg.train.precision)
     on_gpu = torch.cuda.is_available()
@@ -72,7 +95,7 @@ def transformer_config(cfg: Config) -> ProSeCoTransformerConfig:
         bf16=dtype == torch.bfloat16,
         autocast_dtype=dtype,
         use_cpu_initialization=not on_gpu,
-        perform_initialization=True,
+        perform_initialization=random_init,
         time_conditioning=m.time_conditioning,
         time_embedding_dim=m.time_embedding_dim,
         zero_timestep=m.zero_timestep,
@@ -98,9 +121,12 @@ def transformer_config(cfg: Config) -> ProSeCoTransformerConfig:
     )
 
 
-def build_model(cfg: Config, vocab_size: int, backend: str = "auto", vp_stage: int | None = None) -> ProSeCoModel:
-    """One model chunk of this rank: the layers of its (virtual) pipeline stage, its vocab shard."""
-    config = transformer_config(cfg)
+def build_model(cfg: Config, vocab_size: int, backend: str = "auto", vp_stage: int | None = None,
+                random_init: bool = True) -> ProSeCoModel:
+    """One model chunk of this rank: the layers of its (virtual) pipeline stage, its vocab shard.
+    random_init=False: no random draws; the matrices hold NaN until the caller loads weights or
+    calls init_weights_layout_independent (module docstring)."""
+    config = transformer_config(cfg, random_init)
     backend = select_backend(backend)
     if cfg.train.fp8 and backend != "te":  # validate_config only saw that TE is installed
         raise ConfigError(f"train.fp8={cfg.train.fp8} needs the Transformer Engine layers, but they cannot "
@@ -118,12 +144,40 @@ def build_model(cfg: Config, vocab_size: int, backend: str = "auto", vp_stage: i
     )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
+    if not random_init:
+        _complete_uninitialised(model)
     model.backend = backend
     return model
 
 
-def build_model_chunks(cfg: Config, vocab_size: int, backend: str = "auto") -> list:
+def build_model_chunks(cfg: Config, vocab_size: int, backend: str = "auto", random_init: bool = True) -> list:
     """All model chunks of this rank: one, or `parallel.vpp` with the interleaved pipeline."""
     if cfg.parallel.vpp is None:
-        return [build_model(cfg, vocab_size, backend)]
-    return [build_model(cfg, vocab_size, backend, vp_stage=i) for i in range(cfg.parallel.vpp)]
+        return [build_model(cfg, vocab_size, backend, random_init=random_init)]
+    return [build_model(cfg, vocab_size, backend, vp_stage=i, random_init=random_init)
+            for i in range(cfg.parallel.vpp)]
+
+
+def _fc1_stride(config) -> int:
+    """The partition stride megatron-core 0.16.1 gives an MLP's linear_fc1 (transformer/mlp.py):
+    2 for a gated linear unit ([gate; up] interleaved per rank), except with Kitchen layers."""
+    return 2 if config.gated_linear_unit and not config.use_kitchen else 1
+
+
+@torch.no_grad()
+def _complete_uninitialised(model: ProSeCoModel) -> None:
+    """What megatron's parallel layers skip with perform_initialization=False (module docstring),
+    and NaN in the matrices that must be written next."""
+    strides = {id(m.linear_fc1): _fc1_stride(m.config) for m in model.modules() if isinstance(m, MLP)}
+    for module in model.modules():
+        if not isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
+            continue
+        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        if weight is not None and not hasattr(weight, "tensor_model_parallel"):
+            dim = 1 if isinstance(module, RowParallelLinear) else 0
+            set_tensor_model_parallel_attributes(weight, True, dim, strides.get(id(module), 1))
+        if isinstance(bias, torch.Tensor):
+            bias.zero_()
+    for name, param in model.named_parameters():
+        if is_drawn(name, param):
+            param.fill_(float("nan"))

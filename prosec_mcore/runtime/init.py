@@ -30,23 +30,37 @@ that identity alone.
   this rank keeps the same slice that megatron's own CPU initialisation
   keeps (chunks of ``size / stride`` along ``partition_dim``, every
   ``tp_size``-th chunk starting at ``tp_rank``).
+* Only this rank's slice is drawn. For megatron's ``normal_`` init functions
+  (all of them in our configs) ``shard_draw.py`` computes the slice directly,
+  bit for bit equal to drawing the full tensor and slicing it, in memory
+  O(shard + one chunk) (the generator still runs over the full tensor: time
+  O(full tensor) per rank). Any other init function, and tensors under 16
+  elements (which ``normal_`` draws another way), take the full draw.
 
-Parameters initialised to a constant (biases and norm weights by megatron,
-the zero-initialised adaLN modulation matrices by the ProSeCo model) are
-already layout-independent and are left as they are; a vector that is not
-constant is an error (it needs a rule here).
+What is drawn is decided by name and shape, never by the current values (a
+model built with ``model.builder.build_model(..., random_init=False)`` holds
+NaN in these matrices): every matrix (dim >= 2) except the
+zero-initialised adaLN modulations (``ZERO_INITIALISED``). Vectors (biases and
+norm weights, set to constants when the model is built) and the
+zero-initialised matrices are already layout-independent and are left as they
+are; one that is not constant is an error (it needs a rule here).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Callable, Iterable
 
 import torch
 
+from .shard_draw import BLOCK, DEFAULT_CHUNK_ELEMENTS, draw_normal_shard, normal_parameters, shard_pattern
+
 EMBEDDING_NAME = "embedding.word_embeddings.weight"
 # Matrices that megatron initialises with config.output_layer_init_method.
 _OUTPUT_PROJECTIONS = ("linear_proj.weight", "linear_fc2.weight")
+# Matrices the ProSeCo model initialises to zero (model/time_embedding.py: AdaLNModulation).
+ZERO_INITIALISED = ("adaln_modulation.linear.weight", "final_modulation.linear.weight")
 
 
 def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
@@ -125,30 +139,61 @@ def _draw(init_fn: Callable, shape: list[int], seed: int) -> torch.Tensor:
     return full
 
 
+def is_drawn(name: str, param: torch.Tensor) -> bool:
+    """Whether `init_weights_layout_independent` draws parameter `name` (a global or local
+    name): every matrix except the zero-initialised ones."""
+    return param.dim() >= 2 and not name.endswith(ZERO_INITIALISED)
+
+
 @torch.no_grad()
-def init_weights_layout_independent(model_chunks: Iterable[torch.nn.Module], seed: int) -> None:
+def draw_full(param: torch.nn.Parameter, init_fn: Callable, seed: int, tp_rank: int, tp_size: int) -> None:
+    """The definition, and the fallback of `draw_parameter`: draw the full tensor, keep this rank's slice."""
+    param.copy_(tp_slice(_draw(init_fn, full_shape(param, tp_size), seed), param, tp_rank, tp_size))
+
+
+@torch.no_grad()
+def draw_parameter(param: torch.nn.Parameter, init_fn: Callable, seed: int, tp_rank: int, tp_size: int,
+                   chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> str:
+    """Write this rank's part of the full tensor that `init_fn` draws with the CPU generator
+    seeded by `seed`. Returns how: ``shard`` (only this rank's slice was computed) or ``full``
+    (`init_fn` is not megatron's normal_, or the tensor has under 16 elements: the full tensor
+    was drawn and sliced, as before)."""
+    shape = full_shape(param, tp_size)
+    normal = normal_parameters(init_fn)
+    if normal is None or math.prod(shape) < BLOCK:
+        draw_full(param, init_fn, seed, tp_rank, tp_size)
+        return "full"
+    split = getattr(param, "tensor_model_parallel", False)
+    pattern = shard_pattern(shape, param.partition_dim if split else None,
+                            param.partition_stride if split else 1, tp_rank, tp_size)
+    draw_normal_shard(param, pattern, *normal, seed=seed, chunk_elements=chunk_elements)
+    return "shard"
+
+
+@torch.no_grad()
+def init_weights_layout_independent(model_chunks: Iterable[torch.nn.Module], seed: int) -> dict[str, str]:
     """Re-initialise all matrices of `model_chunks` so they equal the TP1/PP1 weights.
 
     Call after building the model on every rank (before or after wrapping it
-    in DDP, before building the optimizer's fp32 copies).
+    in DDP, before building the optimizer's fp32 copies). Returns, for each
+    drawn parameter (global name), ``shard`` or ``full`` (see `draw_parameter`).
     """
     from megatron.core import parallel_state
 
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    how = {}
     for chunk in model_chunks:
         model = _unwrap(chunk)
         for name, param in global_parameter_names(model).items():
-            constant = param.numel() > 0 and bool((param == param.flatten()[0]).all())
-            if param.dim() < 2 and not constant:
-                raise ValueError(
-                    f"init_weights_layout_independent: vector parameter {name} is not "
-                    f"constant; add a rule for it"
-                )
-            if constant:
+            if is_drawn(name, param):
+                how[name] = draw_parameter(param, _init_function(model.config, name), name_seed(seed, name),
+                                           tp_rank, tp_size)
+            elif param.numel() > 0 and not bool((param == param.flatten()[0]).all()):
                 # Constant initialisations (biases, norm weights, the zero-initialised adaLN
                 # modulations) are the same in every layout already.
-                continue
-            full = _draw(_init_function(model.config, name), full_shape(param, tp_size),
-                         name_seed(seed, name))
-            param.copy_(tp_slice(full, param, tp_rank, tp_size))
+                raise ValueError(
+                    f"init_weights_layout_independent: parameter {name} is not constant; "
+                    f"add a rule for it"
+                )
+    return how

@@ -535,6 +535,8 @@ def load_checkpoint(trainer, path: str, common: dict | None = None) -> tuple[int
     common = common if common is not None else load_common(path)
     if common.get("model_only"):  # e.g. imported from Hugging Face: weights only, training starts at 0
         load_weights(trainer, path, common)
+        if getattr(trainer, "ema", None) is not None:
+            trainer.ema.reset()  # the average starts at the loaded weights (the model was built uninitialised)
         return 0, False
     check_compatible(common["config"] | {"vocab_size": common.get("vocab_size"), "mask_id": common.get("mask_id")},
                      trainer.cfg, trainer.vocab_size, path, getattr(trainer, "mask_id", None))
@@ -590,7 +592,7 @@ def load_model_for_inference(checkpoint: str, tp: int = 1, weights: str = "ema")
         initialize_distributed(tp=tp, pp=1, seed=cfg.train.seed)
     elif parallel_state.get_tensor_model_parallel_world_size() != tp:
         raise ValueError("torch.distributed is already initialised with another TP size")
-    model = build_model(cfg, common["vocab_size"])
+    model = build_model(cfg, common["vocab_size"], random_init=False)  # every weight comes from the checkpoint
     load_module_weights({"model": model}, path, use_ema)
     common["weights"] = "ema" if use_ema else "raw"
     return model, cfg, common, path

@@ -117,7 +117,9 @@ class Trainer:
 
         t = cfg.train
         start = self.run.choose_start()
-        self.model = build_model_chunks(cfg, self.vocab_size)
+        # No random draw at construction (runtime/init.py): a fresh run draws each rank's shards of the
+        # layout-independent initialisation; a resumed, loaded or pretrained run reads its weights.
+        self.model = build_model_chunks(cfg, self.vocab_size, random_init=False)
         if start.kind == "fresh":
             init_weights_layout_independent(self.model, seed=t.seed)
         self.tconfig = self.model[0].config
