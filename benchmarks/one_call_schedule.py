@@ -1,7 +1,7 @@
 """One schedule call vs two for a ProSeCo step: measured step times and a timeline model.
 
-    torchrun --nproc-per-node 2 benchmarks/one_call_schedule.py measure --pp 2 --microbatches 2 4 8 model=tiny
-    torchrun --nproc-per-node 2 benchmarks/one_call_schedule.py measure --pp 2 --vpp 2 --microbatches 2 4 8 model=tiny
+    torchrun --nproc-per-node 2 benchmarks/one_call_schedule.py measure --pp 2 --microbatches 2,4,8 model=tiny
+    torchrun --nproc-per-node 2 benchmarks/one_call_schedule.py measure --pp 2 --vpp 2 --microbatches 2,4,8 model=tiny
     python benchmarks/one_call_schedule.py model --pp 4 8 16 [--forward 1 --backward 2 --latency 0]
 
 measure: one Trainer (same weights, data, noise); for each m (micro-batches per rank) the median
@@ -93,7 +93,8 @@ def main():
     meas = sub.add_parser("measure")
     meas.add_argument("--pp", type=int, default=2)
     meas.add_argument("--vpp", type=int, default=None)
-    meas.add_argument("--microbatches", type=int, nargs="+", default=[2, 4, 8])
+    meas.add_argument("--microbatches", type=lambda text: [int(m) for m in text.split(",")], default=[2, 4, 8],
+                      help="comma-separated micro-batches per rank, e.g. 2,4,8 (then the Hydra overrides)")
     meas.add_argument("--warmup", type=int, default=2)
     meas.add_argument("--iters", type=int, default=6)
     meas.add_argument("overrides", nargs="*")
