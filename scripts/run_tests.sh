@@ -9,8 +9,9 @@ bash scripts/setup_env.sh
 # The DALI tier (data.loader=dali, tests/distributed/test_shard_resume.py, tests/unit/test_shards.py):
 # the reader needs only DALI's own wheel and its pure-Python dependencies on a CPU machine, not the
 # GPU codec libraries its full dependency list pulls (`pip install '.[dali]'` installs those).
-.venv/bin/python -m pip install --quiet --no-deps nvidia-dali-cuda120==2.4.0
+# (dependencies first: pip then has nothing to report about the codec packages left out)
 .venv/bin/python -m pip install --quiet astunparse gast libcst makefun nvtx optree 'packaging<=26.3' six
+.venv/bin/python -m pip install --quiet --no-deps nvidia-dali-cuda120==2.4.0
 gpu=(--ignore=tests/gpu)
 if .venv/bin/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then gpu=(); fi
 exec .venv/bin/python -m pytest -q -p no:cacheprovider tests "${gpu[@]}" "$@"
