@@ -17,7 +17,7 @@ passes and the optimizer step. Reported: the resident set before the step and it
 the difference is what the step itself needed. On CPU, tensors this large are mmap'd and handed
 back to the kernel when freed, so the resident set follows the live tensors.
 
-`reference` runs the step with the loss functions as they were (copied below, unchanged): an
+`reference` runs the step with the loss functions as they were (tests/reference_losses.py): an
 out-of-place masked_fill for the suppression and an fp32 copy of the logits for the argmax; the
 switch replaces `losses.mdm_terms` and `losses.sc_terms`, which training/step.py calls. Everything
 else (model, data, noise, optimizer) is the same code in both processes.
@@ -40,65 +40,17 @@ DEFAULTS = ["model=tiny", "model.vocab_size=50257", "data.seq_length=512", "mode
             "train.micro_batch_size=4", "train.global_batch_size=4", "objective=proseco", "train.eval_interval=0",
             "logging.tensorboard=false", "checkpoint.save_at_end=false", "checkpoint.resume=false"]
 IMPLS = ("reference", "current")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # tests/reference_losses.py: the loss code before the change
 
 
 # ------------------------------------------------------------------ REFERENCE: the loss code before the change
 def reference_loss_functions():
-    """mdm_terms and sc_terms as they were (prosec_mcore/diffusion/losses.py before the in-place
-    suppression and the native-dtype argmax), for the `reference` measurement."""
-    import torch
-    from megatron.core import parallel_state
+    """mdm_terms and sc_terms as they were (tests/reference_losses.py, which the bitwise tests compare
+    the current code with), for the `reference` measurement."""
+    from tests import reference_losses
 
-    from prosec_mcore.diffusion import losses
-
-    def suppress_invalid(logits, invalid):
-        return logits.masked_fill(invalid, float("-inf"))
-
-    @torch.no_grad()
-    def vocab_parallel_argmax(logits):
-        local_max, local_idx = logits.float().max(dim=-1)
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        if tp == 1:
-            return local_idx
-        global_idx = local_idx + parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
-        group = parallel_state.get_tensor_model_parallel_group()
-        maxes = [torch.empty_like(local_max) for _ in range(tp)]
-        idxs = [torch.empty_like(global_idx) for _ in range(tp)]
-        torch.distributed.all_gather(maxes, local_max.contiguous(), group=group)
-        torch.distributed.all_gather(idxs, global_idx.contiguous(), group=group)
-        best_rank = torch.stack(maxes).argmax(dim=0, keepdim=True)
-        return torch.stack(idxs).gather(0, best_rank).squeeze(0)
-
-    def mdm_terms(logits, clean, masked, weight, invalid, corrector_input="all", fusion="none"):
-        logits = suppress_invalid(logits, invalid)
-        y = vocab_parallel_argmax(logits.detach())
-        ce = losses.cross_entropy(logits, clean, fusion)
-        per_token = torch.where(masked, ce * weight[:, None], torch.zeros_like(ce))
-        if corrector_input == "masked":
-            y = torch.where(masked, y, clean)
-        n_masked = masked.sum().clamp(min=1)
-        accuracy = ((y == clean) & masked).sum().float() / n_masked
-        return losses.MDMTerms(per_token=per_token, corrector_input=y, accuracy_on_masked=accuracy)
-
-    def sc_terms(logits, clean, corrector_input, weight, invalid, opts, keep=None):
-        logits = suppress_invalid(logits, invalid)
-        prediction = vocab_parallel_argmax(logits.detach())
-        ce = losses.cross_entropy(logits, clean, opts.cross_entropy_fusion)
-        w = weight[:, None] if opts.weighted_corrector_loss else torch.ones_like(weight)[:, None]
-        errors = corrector_input != clean
-        if opts.errors_upweighted:
-            per_token = torch.where(errors, w * ce, -w * torch.exp(-ce))
-        else:
-            per_token = w * ce
-        if keep is not None:
-            per_token = torch.where(keep, per_token, torch.zeros_like(per_token))
-            ce = torch.where(keep, ce, torch.zeros_like(ce))
-            errors = errors & keep
-        return losses.SCTerms(per_token=per_token, nll_per_token=ce.detach(),
-                              correct_on_errors=((prediction == clean) & errors).sum().float(),
-                              num_errors=errors.sum().float())
-
-    return mdm_terms, sc_terms
+    return reference_losses.mdm_terms, reference_losses.sc_terms
 
 
 # ------------------------------------------------------------------ one measurement (a fresh process)
@@ -197,15 +149,9 @@ def main() -> int:
         return 0
     if args.loss_only:
         return compare_loss_only(args.loss_only)
-    results = {}
-    for impl in IMPLS:
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--impl", impl, *args.overrides],
-                             capture_output=True, text=True)
-        lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-        if out.returncode != 0 or not lines:
-            print(out.stdout[-3000:] + out.stderr[-3000:], file=sys.stderr)
-            return 1
-        results[impl] = json.loads(lines[-1][len("RESULT "):])
+    results = measure_each_in_a_fresh_process(args.overrides)
+    if results is None:
+        return 1
     r = results["current"]
     print(f"\nobjective={r['objective']} model rows={r['vocab_rows']} seq={r['seq']} micro_batch={r['micro_batch']} "
           f"precision={r['precision']}: logits {r['logits_mib']:.0f} MiB per pass; one training step per fresh process")
@@ -220,16 +166,25 @@ def main() -> int:
     return 0
 
 
-def compare_loss_only(dtype_name: str) -> int:
+def measure_each_in_a_fresh_process(arguments: list):
+    """{impl: result} of this script run once per implementation with `--impl <impl> *arguments`,
+    each in its own process (None, with the failing run's output, when one fails)."""
     results = {}
     for impl in IMPLS:
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--impl", impl, "--loss-only", dtype_name],
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--impl", impl, *arguments],
                              capture_output=True, text=True)
         lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
         if out.returncode != 0 or not lines:
             print(out.stdout[-3000:] + out.stderr[-3000:], file=sys.stderr)
-            return 1
+            return None
         results[impl] = json.loads(lines[-1][len("RESULT "):])
+    return results
+
+
+def compare_loss_only(dtype_name: str) -> int:
+    results = measure_each_in_a_fresh_process(["--loss-only", dtype_name])
+    if results is None:
+        return 1
     r = results["current"]
     print(f"\nMDM loss alone (forward + backward) on {dtype_name} logits [4, 512, 50304] = {r['logits_mib']:.0f} MiB")
     print("| loss code | memory above the logits (MiB) | x the logits | loss |")

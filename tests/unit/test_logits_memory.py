@@ -32,6 +32,7 @@ from prosec_mcore.diffusion.losses import LossOptions, cross_entropy
 from prosec_mcore.evaluation.likelihood import CORRECTOR_KEYS, validation_metrics
 from prosec_mcore.model.builder import build_model, transformer_config
 from prosec_mcore.model.sdpa_attention import SDPAttention
+from tests import reference_losses
 from tests.compare import relative_error, set_generic_point
 from tests.distributed.launch import run_distributed
 from tests.unit.test_objective import make_step, text_microbatches
@@ -41,49 +42,16 @@ VOCAB, TOKENIZER_VOCAB, MASK_ID, HIDDEN = 64, 60, 59, 16  # ids 60..63: padding 
 
 
 # ------------------------------------------------------------------ REFERENCE: the code before this change
-# Copied unchanged from prosec_mcore/diffusion/losses.py, evaluation/likelihood.py and
-# model/sdpa_attention.py as they were before the in-place suppression, the native-dtype argmax,
+# The code of prosec_mcore/diffusion/losses.py, evaluation/likelihood.py and
+# model/sdpa_attention.py as it was before the in-place suppression, the native-dtype argmax,
 # the MDLM validation without the corrector pass and SDPA's enable_gqa.
 
-def REFERENCE_suppress_invalid(logits, invalid):
-    return logits.masked_fill(invalid, float("-inf"))
-
-
-@torch.no_grad()
-def REFERENCE_vocab_parallel_argmax(logits):  # TP=1 branch
-    local_max, local_idx = logits.float().max(dim=-1)
-    return local_idx
-
-
-def REFERENCE_mdm_terms(logits, clean, masked, weight, invalid, corrector_input="all", fusion="none"):
-    logits = REFERENCE_suppress_invalid(logits, invalid)
-    y = REFERENCE_vocab_parallel_argmax(logits.detach())
-    ce = cross_entropy(logits, clean, fusion)
-    per_token = torch.where(masked, ce * weight[:, None], torch.zeros_like(ce))
-    if corrector_input == "masked":
-        y = torch.where(masked, y, clean)
-    n_masked = masked.sum().clamp(min=1)
-    accuracy = ((y == clean) & masked).sum().float() / n_masked
-    return losses.MDMTerms(per_token=per_token, corrector_input=y, accuracy_on_masked=accuracy)
-
-
-def REFERENCE_sc_terms(logits, clean, corrector_input, weight, invalid, opts, keep=None):
-    logits = REFERENCE_suppress_invalid(logits, invalid)
-    prediction = REFERENCE_vocab_parallel_argmax(logits.detach())
-    ce = cross_entropy(logits, clean, opts.cross_entropy_fusion)
-    w = weight[:, None] if opts.weighted_corrector_loss else torch.ones_like(weight)[:, None]
-    errors = corrector_input != clean
-    if opts.errors_upweighted:
-        per_token = torch.where(errors, w * ce, -w * torch.exp(-ce))
-    else:
-        per_token = w * ce
-    if keep is not None:
-        per_token = torch.where(keep, per_token, torch.zeros_like(per_token))
-        ce = torch.where(keep, ce, torch.zeros_like(ce))
-        errors = errors & keep
-    return losses.SCTerms(per_token=per_token, nll_per_token=ce.detach(),
-                          correct_on_errors=((prediction == clean) & errors).sum().float(),
-                          num_errors=errors.sum().float())
+# The loss functions as they were live in tests/reference_losses.py (benchmarks/logits_memory.py
+# measures the same code as "before").
+REFERENCE_suppress_invalid = reference_losses.suppress_invalid
+REFERENCE_vocab_parallel_argmax = reference_losses.vocab_parallel_argmax
+REFERENCE_mdm_terms = reference_losses.mdm_terms
+REFERENCE_sc_terms = reference_losses.sc_terms
 
 
 def REFERENCE_validation_metrics(step, microbatches, noise, eval_iters):
