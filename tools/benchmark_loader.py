@@ -79,11 +79,11 @@ def loader_rows(args, loader: str, tmp: str) -> list:
     from prosec_mcore.data import make_batch_iterator
     from prosec_mcore.data.loader import BatchLoader
     from prosec_mcore.data.sources import build_run_data
-    from prosec_mcore.training.trainer import build_run_tokenizer, resolve_data_paths
+    from prosec_mcore.training.trainer import build_run_tokenizer, resolve_tokenizer_path
 
     cfg = _config(args.overrides, loader, os.path.join(tmp, f"loader-{loader}"))
     t, d = cfg.train, cfg.data
-    tokenizer = build_run_tokenizer(cfg, resolve_data_paths(cfg)[1])
+    tokenizer = build_run_tokenizer(cfg, resolve_tokenizer_path(cfg))
     rows = []
     for setting in args.workers.split(","):
         workers, prefetch = (0, 0) if setting == "sync" else (int(setting), 2)

@@ -44,6 +44,21 @@ def _batched(items: Iterable[str], size: int) -> Iterable[list[str]]:
         yield batch
 
 
+def tokenize_documents(docs: Iterable[str], tokenizer, batch_size: int = 64) -> Iterable[tuple[int, list]]:
+    """Per batch of ``batch_size`` input documents: how many were read, and the token ids of each
+    non-blank one followed by ``tokenizer.eod`` (blank documents are skipped; an id beyond the
+    vocabulary is a ValueError). The indexed and the webdataset outputs both tokenize this way."""
+    for batch in _batched(docs, batch_size):
+        kept = [d for d in batch if d and not d.isspace()]
+        tokenized = []
+        for ids in tokenizer.encode_batch(kept):
+            ids = list(ids) + [tokenizer.eod]
+            if max(ids) >= tokenizer.vocab_size:
+                raise ValueError(f"token id {max(ids)} >= vocab_size {tokenizer.vocab_size}")
+            tokenized.append(ids)
+        yield len(batch), tokenized
+
+
 def preprocess_documents(
     docs: Iterable[str],
     tokenizer,
@@ -75,18 +90,15 @@ def preprocess_documents(
     max_id = -1
     progress = tqdm(total=total, unit="doc", desc="tokenizing", disable=not show_progress)
     try:
-        for batch in _batched(docs, batch_size):
-            kept = [d for d in batch if d and not d.isspace()]
-            n_empty += len(batch) - len(kept)
-            for ids in tokenizer.encode_batch(kept):
-                arr = np.asarray(ids + [tokenizer.eod], dtype=np.int64)
+        for read, tokenized in tokenize_documents(docs, tokenizer, batch_size):
+            n_empty += read - len(tokenized)
+            for ids in tokenized:
+                arr = np.asarray(ids, dtype=np.int64)
                 max_id = max(max_id, int(arr.max()))
-                if max_id >= tokenizer.vocab_size:
-                    raise ValueError(f"token id {max_id} >= vocab_size {tokenizer.vocab_size}")
                 builder.add_document(arr.astype(dtype), [arr.size])
                 n_docs += 1
                 n_tokens += arr.size
-            progress.update(len(batch))
+            progress.update(read)
             progress.set_postfix(tokens=n_tokens)
         builder.finalize(tmp_prefix + ".idx")
     except BaseException:

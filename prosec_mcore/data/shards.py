@@ -67,26 +67,12 @@ def sample_key(corpus_index: int) -> str:
 
 
 def tokenized_documents(docs: Iterable[str], tokenizer, batch_size: int = 64) -> Iterable[list[int]]:
-    """Each non-blank document's token ids followed by ``tokenizer.eod``, as
-    ``preprocess_documents`` tokenizes them (blank documents skipped; an id beyond the
-    vocabulary is a ValueError)."""
-    batch: list[str] = []
+    """Each non-blank document's token ids followed by ``tokenizer.eod``, exactly as
+    ``preprocess_documents`` tokenizes them (data/preprocess.py's ``tokenize_documents``)."""
+    from .preprocess import tokenize_documents
 
-    def flush():
-        for ids in tokenizer.encode_batch(batch):
-            ids = list(ids) + [tokenizer.eod]
-            if max(ids) >= tokenizer.vocab_size:
-                raise ValueError(f"token id {max(ids)} >= vocab_size {tokenizer.vocab_size}")
-            yield ids
-
-    for doc in docs:
-        if doc and not doc.isspace():
-            batch.append(doc)
-        if len(batch) == batch_size:
-            yield from flush()
-            batch = []
-    if batch:
-        yield from flush()
+    for _, tokenized in tokenize_documents(docs, tokenizer, batch_size):
+        yield from tokenized
 
 
 def check_split(split: str) -> str:

@@ -64,12 +64,12 @@ def evaluate_checkpoint(checkpoint: str, tp: int = 1, eval_iters: int | None = N
     from ..diffusion.schedules import build_schedule
     from ..training.checkpoint import load_model_for_inference
     from ..training.step import NoiseSettings, ProSeCoStep, loss_options
-    from ..training.trainer import build_run_tokenizer, noise_settings, packing_settings, resolve_data_paths
+    from ..training.trainer import build_run_tokenizer, noise_settings, packing_settings, resolve_tokenizer_path
 
     model, cfg, common, path = load_model_for_inference(checkpoint, tp, weights)
     t = cfg.train
     eval_iters = eval_iters or t.eval_iters
-    _, tok_path = resolve_data_paths(cfg)
+    tok_path = resolve_tokenizer_path(cfg)
     tokenizer = build_run_tokenizer(cfg, tok_path)
     # The run's own validation set (the same request, hence the same samples in the same order),
     # larger only when more batches are asked for than the run validated on.

@@ -67,11 +67,11 @@ def export_tokenizer(cfg, out_dir: str, imported: bool):
     """Write the run's tokenizer into `out_dir`. Returns (where it came from, the tokenizer), or
     (None, None) when it cannot be found, or when `imported` names a checkpoint imported from a
     folder without tokenizer (the bundled tokenizer would be the wrong one)."""
-    from ..training.trainer import build_run_tokenizer, resolve_data_paths
+    from ..training.trainer import build_run_tokenizer, resolve_tokenizer_path
 
     if imported and cfg.data.tokenizer.path is None:
         return None, None
-    _, tok_path = resolve_data_paths(cfg)
+    tok_path = resolve_tokenizer_path(cfg)
     try:
         tokenizer = build_run_tokenizer(cfg, tok_path)
     except (FileNotFoundError, ValueError):

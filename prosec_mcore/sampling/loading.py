@@ -36,11 +36,11 @@ def load_from_checkpoint(checkpoint: str, tp: int = 1, weights: str = "ema") -> 
     and megatron's parallel state if needed."""
     from ..data import build_tokenizer
     from ..training.checkpoint import load_model_for_inference
-    from ..training.trainer import resolve_data_paths
+    from ..training.trainer import resolve_tokenizer_path
 
     model, cfg, common, path = load_model_for_inference(checkpoint, tp, weights=weights)
     vocab = common["vocab_size"]
-    _, tok_path = resolve_data_paths(cfg)
+    tok_path = resolve_tokenizer_path(cfg)
     tokenizer = build_tokenizer(cfg.data.tokenizer.kind, tok_path)
     if tokenizer.vocab_size > vocab:
         raise ValueError(f"the tokenizer at {tok_path} has {tokenizer.vocab_size} ids but the "

@@ -30,7 +30,7 @@ from ..config import Config, ConfigError, validate_config
 from ..config_loader import config_to_dict
 from ..data import build_tokenizer, load_document_labels, make_batch_iterator
 from ..data.loader import BatchLoader, describe_loading
-from ..data.sources import build_run_data, data_state, data_state_changes, default_prefix
+from ..data.sources import build_run_data, data_state, data_state_changes
 from ..diffusion.packing import PackingSettings
 from ..diffusion.noise import STREAM_TRAIN_MASK, STREAM_TRAIN_TIME, STREAM_VALID_MASK, STREAM_VALID_TIME
 from ..diffusion.schedules import build_schedule
@@ -49,13 +49,13 @@ from .optim import build_optimizer, data_parallel_features, schedule_on_resume, 
 from .step import NoiseSettings, ProSeCoStep, loss_options
 
 
-def resolve_data_paths(cfg: Config) -> tuple[str, str | None]:
-    """The single indexed prefix (data.data_prefix or the bundled corpus's) and the tokenizer path."""
-    prefix = cfg.data.data_prefix or default_prefix(cfg)
+def resolve_tokenizer_path(cfg: Config) -> str | None:
+    """data.tokenizer.path, or for `hf_json` the tokenizer prepared with the corpus (<prepare_dir>);
+    where the samples come from is data/sources.py's."""
     tok_path = cfg.data.tokenizer.path
     if tok_path is None and cfg.data.tokenizer.kind == "hf_json":
         tok_path = os.path.join(cfg.data.prepare_dir, "tokenizer.json")
-    return prefix, tok_path
+    return tok_path
 
 
 def build_run_tokenizer(cfg: Config, tok_path):
@@ -109,9 +109,9 @@ class Trainer:
             raise
 
     def _build(self, cfg: Config, world_size: int) -> None:
-        prefix, tok_path = resolve_data_paths(cfg)
+        tok_path = resolve_tokenizer_path(cfg)
         try:  # the data layer reports bad input (vocabulary/data mismatch, empty data) as ValueError
-            self._build_data(cfg, prefix, tok_path)
+            self._build_data(cfg, tok_path)
         except ValueError as err:
             raise ConfigError(str(err)) from err
 
@@ -149,7 +149,7 @@ class Trainer:
                                     tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
                                     wandb_project=cfg.logging.wandb_project, wandb_mode=cfg.logging.wandb_mode,
                                     config_dict=config_to_dict(cfg))
-        self._print_startup(prefix, tok_path)
+        self._print_startup(tok_path)
         self.start_iteration = self._restore(start)
         self.run.install_signal_handlers()
 
@@ -230,7 +230,7 @@ class Trainer:
         self._gradient_hooks.append(hook)
 
     # ------------------------------------------------------------------ helpers
-    def _build_data(self, cfg: Config, prefix: str, tok_path):
+    def _build_data(self, cfg: Config, tok_path):
         self.tokenizer = build_run_tokenizer(cfg, tok_path)
         vocab = self.tokenizer.vocab_size
         if cfg.model.vocab_size is not None and cfg.model.vocab_size < vocab:
@@ -253,7 +253,7 @@ class Trainer:
         self.labels = load_document_labels(cfg.data.labels, self.train_ds, cfg.model.num_classes) \
             if cfg.data.labels else None
 
-    def _print_startup(self, prefix, tok_path):
+    def _print_startup(self, tok_path):
         if not self.is_logger:
             return
         n_params = sum(p.numel() for m in self.model for p in m.parameters())
@@ -302,11 +302,13 @@ class Trainer:
         """This rank's micro-batches of global batch `index` (0-based) of the `train` or `valid`
         split. Training iteration k (as logged, from 1) reads training batch k - 1; validation
         always reads validation batches 0 .. eval_iters - 1."""
-        dataset = {"train": self.train_ds, "valid": self.valid_ds}[split]
+        return self._batches({"train": self.train_ds, "valid": self.valid_ds}[split]).microbatches(index)
+
+    def _batches(self, dataset):
+        """This rank's share of the global batches of `dataset` (data/batches.py)."""
         t = self.cfg.train
-        batches = make_batch_iterator(dataset, t.global_batch_size, t.micro_batch_size, self.dp_rank, self.dp_size,
-                                      labels=self.labels)
-        return batches.microbatches(index)
+        return make_batch_iterator(dataset, t.global_batch_size, t.micro_batch_size, self.dp_rank, self.dp_size,
+                                   labels=self.labels)
 
     # ------------------------------------------------------------------ one iteration
     def forward_backward(self, microbatches) -> dict:
@@ -398,10 +400,8 @@ class Trainer:
     def batch_loader(self, start_index: int) -> BatchLoader:
         """The training batches from global batch `start_index` (0-based) to train.iters, assembled
         ahead of the loop as data.num_workers / data.prefetch say (data/loader.py)."""
-        t, d = self.cfg.train, self.cfg.data
-        batches = make_batch_iterator(self.train_ds, t.global_batch_size, t.micro_batch_size, self.dp_rank,
-                                      self.dp_size, labels=self.labels)
-        return BatchLoader(batches, start_index, t.iters, d.num_workers, d.prefetch)
+        d = self.cfg.data
+        return BatchLoader(self._batches(self.train_ds), start_index, self.cfg.train.iters, d.num_workers, d.prefetch)
 
     def _iterate(self, loader: BatchLoader) -> None:
         t, ck = self.cfg.train, self.cfg.checkpoint
