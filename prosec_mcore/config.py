@@ -94,6 +94,9 @@ class DataConfig:
     document_attention: attention never crosses a document boundary (EOD) inside a packed sample.
     variable_length_fraction: this fraction of samples is cut to a random length in [1, seq_length]
         (LLaDA pre-training: 0.01); the rest of such a sample takes no part in attention or loss.
+    format: `text` (pre-training: documents packed into samples) or `sft` (supervised fine-tuning:
+        one (prompt, response) example per sample, EOS-padded, with a per-token prompt mask, written
+        by `tools/preprocess_data.py --sft`; docs/sft.md).
     """
 
     name: str = "shakespeare"
@@ -115,6 +118,7 @@ class DataConfig:
     variable_length_fraction: float = 0.0
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     labels: Optional[str] = None  # .npy of one int label per document (model.num_classes > 0)
+    format: str = "text"  # text | sft
 
 
 @dataclass
@@ -126,6 +130,12 @@ class ObjectiveConfig:
         or `masked` (argmax only at masked positions, clean tokens elsewhere).
     errors_upweighted: where y == x use -w p(x) instead of -w log p(x).
     weighted_corrector_loss: multiply the corrector term by w(t) (reference: true).
+    sft_normalization (data.format=sft): `response` (LLaDA's SFT: each example's loss is divided by
+        its response length, padding included when it counts, then averaged over examples) or
+        `tokens` (the pre-training normaliser: the batch's number of positions).
+    sft_pad_in_loss (data.format=sft): the EOS padding after a response is part of the response
+        (masked, predicted, counted), as LLaDA's SFT does; false: padding is noised like the
+        response but adds nothing to the loss or its normaliser.
     """
 
     name: str = "proseco"
@@ -140,6 +150,8 @@ class ObjectiveConfig:
     errors_upweighted: bool = False
     weighted_corrector_loss: bool = True
     cond_dropout: float = 0.1  # label-conditioned models: P(label -> null label) per sample
+    sft_normalization: str = "response"  # response | tokens
+    sft_pad_in_loss: bool = True
 
 
 @dataclass
@@ -313,6 +325,8 @@ _CHOICES = {
     "logging.wandb_mode": ("offline", "online", "disabled"),
     "data.tokenizer.kind": ("hf_json", "gpt2_bpe", "char"),
     "data.loader": ("indexed", "webdataset", "dali"),
+    "data.format": ("text", "sft"),
+    "objective.sft_normalization": ("response", "tokens"),
 }
 
 
