@@ -14,4 +14,5 @@ bash scripts/setup_env.sh
 .venv/bin/python -m pip install --quiet --no-deps nvidia-dali-cuda120==2.4.0
 gpu=(--ignore=tests/gpu)
 if .venv/bin/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then gpu=(); fi
-exec .venv/bin/python -m pytest -q -p no:cacheprovider tests "${gpu[@]}" "$@"
+# --durations: the slowest tests are listed at the end of every run, to keep the suite within its budget.
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=25 tests "${gpu[@]}" "$@"
