@@ -130,6 +130,8 @@ class ObjectiveConfig:
         or `masked` (argmax only at masked positions, clean tokens elsewhere).
     errors_upweighted: where y == x use -w p(x) instead of -w log p(x).
     weighted_corrector_loss: multiply the corrector term by w(t) (reference: true).
+    With data.format=sft the same objective learns p(response | prompt): the prompt is never
+    masked and never in the loss, and the corrector input keeps it clean (diffusion/sft.py).
     sft_normalization (data.format=sft): `response` (LLaDA's SFT: each example's loss is divided by
         its response length, padding included when it counts, then averaged over examples) or
         `tokens` (the pre-training normaliser: the batch's number of positions).
@@ -433,6 +435,13 @@ def validate_config(cfg: Config, world_size: int = 1, cuda_available: bool | Non
         raise ConfigError(f"run_dir={cfg.run_dir} is a file, not a directory; choose another run_dir")
     _validate_speed_features(cfg, cuda_available, te_available)
     d = cfg.data
+    if d.format == "sft":
+        # one (prompt, response) example per sample, EOS-padded (diffusion/sft.py): nothing to pack or cut
+        if d.document_attention or d.variable_length_fraction:
+            raise ConfigError("data.format=sft holds one example per sample: data.document_attention and "
+                              "data.variable_length_fraction do not apply; set them to false / 0")
+        if m.num_classes:
+            raise ConfigError("data.format=sft has no per-document labels: set model.num_classes=0")
     if te_available and (d.document_attention or d.variable_length_fraction) and t.micro_batch_size != 1:
         # the TE layers take packed documents in the THD format (cu_seqlens), one sample per micro-batch
         raise ConfigError(f"data.document_attention / data.variable_length_fraction on the Transformer Engine "

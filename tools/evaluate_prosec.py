@@ -6,6 +6,11 @@
     # validity / uniqueness / novelty (against the training split), QED, rings and FCD (against
     # the validation split), for one or more files
     python tools/evaluate_prosec.py samples runs/qm9-proseco/samples/*.jsonl --molecules data_cache/qm9
+    # prompted tasks without lm-eval (the numbers lm-eval's `prosec` model gives on the same items):
+    # exact match of responses to {"prompt", "answer"} lines, ELBO choice accuracy on
+    # {"prompt", "choices", "gold"} lines; --model-args takes lm-eval's --model_args syntax
+    python tools/evaluate_prosec.py tasks --model-args checkpoint=runs/sft,sampler=blocks,gen_length=64 \
+        --generation qa.jsonl --until "\n" --choices mc.jsonl
 
 Prints a table and writes the metrics as JSON (--out, default <first file>.metrics.json or
 <checkpoint>/eval_nelbo.json).
@@ -75,6 +80,27 @@ def evaluate_samples(args) -> list:
     return rows
 
 
+def evaluate_tasks(args) -> dict:
+    """Exact match and choice accuracy of prompted items (prosec_mcore/evaluation/prompted_tasks.py)."""
+    from prosec_mcore.cli_errors import UserInputError
+    from prosec_mcore.evaluation import prompted_tasks as pt
+    from prosec_mcore.evaluation.prompted_model import ModelOptions, PromptedModel
+
+    if not args.generation and not args.choices:
+        raise UserInputError("tasks: give --generation ITEMS.jsonl and/or --choices ITEMS.jsonl")
+    gen = pt.read_generation_items(args.generation) if args.generation else None  # files checked first
+    mc = pt.read_choice_items(args.choices) if args.choices else None
+    options = ModelOptions.parse(args.model_args)
+    model = PromptedModel(options)
+    result = {"model_args": args.model_args}
+    if gen:
+        until = [u.encode().decode("unicode_escape") for u in args.until]  # "\n" on the command line
+        result["generation"] = {"file": args.generation, **pt.evaluate_generation(model, gen, until)}
+    if mc:
+        result["choices"] = {"file": args.choices, **pt.evaluate_choices(model, mc, args.delimiter)}
+    return result
+
+
 def print_table(rows: list, keys: list) -> None:
     keys = [k for k in keys if any(k in r for r in rows)]
     cells = [[_fmt(r.get(k)) for k in keys] for r in rows]
@@ -114,6 +140,14 @@ def main(argv=None) -> int:
     s.add_argument("--split", default="95,5,0", help="the training run's data.split")
     s.add_argument("--fcd-reference", type=int, default=5000, help="held-out molecules for FCD")
     s.add_argument("--out", default=None)
+    k = sub.add_parser("tasks", help="exact match / ELBO choice accuracy of prompted JSONL items (no lm-eval)")
+    k.add_argument("--model-args", required=True,
+                   help="checkpoint=DIR or hf=FOLDER, then the sampler/ELBO options, as lm-eval's --model_args")
+    k.add_argument("--generation", default=None, help='JSONL of {"prompt", "answer"}: exact match of responses')
+    k.add_argument("--until", nargs="*", default=[], help="stop strings that cut responses (escapes: \\n)")
+    k.add_argument("--choices", default=None, help='JSONL of {"prompt", "choices", "gold"}: ELBO choice accuracy')
+    k.add_argument("--delimiter", default=" ", help="between prompt and choice (lm-eval's target_delimiter)")
+    k.add_argument("--out", default="prompted_tasks.json")
     args = parser.parse_args(argv)
 
     from prosec_mcore import quiet_known_warnings
@@ -125,6 +159,15 @@ def main(argv=None) -> int:
             print_table([result], ["iteration", "weights", "valid_nelbo", "valid_ppl_bound", "valid_corrector_nll",
                                    "valid_corrector_accuracy_on_errors", "eval_tokens"])
             out = args.out or os.path.join(os.path.dirname(result["checkpoint"]), "eval_nelbo.json")
+        elif args.command == "tasks":
+            from prosec_mcore.cli_errors import writable_file
+
+            out = writable_file(args.out, "--out")
+            result = evaluate_tasks(args)
+            print_table([{"task": name, **{k: v for k, v in r.items() if k in ("exact_match", "acc", "acc_norm",
+                                                                                "nfe_mean")}}
+                         for name, r in result.items() if isinstance(r, dict)],
+                        ["task", "exact_match", "acc", "acc_norm", "nfe_mean"])
         else:
             from prosec_mcore.cli_errors import writable_file
 

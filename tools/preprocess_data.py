@@ -1,6 +1,7 @@
 """Tokenize text into megatron-core indexed dataset files (<prefix>.bin / <prefix>.idx), or into
 tokenized webdataset shards (--output-format webdataset: <dir>/manifest.json + <split>-NNNNNN.tar,
-samples of --seq-length tokens, split into train/valid/test by --split; data/shards.py).
+samples of --seq-length tokens, split into train/valid/test by --split; data/shards.py), or SFT
+examples into indexed files with per-token roles (--sft; data/sft.py, docs/sft.md).
 
 Inputs (files or folders; folders are searched for *.txt, *.jsonl and *.json):
     *.txt            one document per file; with --split-blank-lines one document per
@@ -20,6 +21,11 @@ Every document is followed by the tokenizer's end-of-document id.  Examples:
     # a pretrained model's tokenizer (a Hugging Face folder with tokenizer.json), naming its tokens
     python tools/preprocess_data.py --input corpus.jsonl --tokenizer-path hf/LLaDA-8B-Base \\
         --eod-token '<|endoftext|>' --mask-token '<|mdm_mask|>' --output-prefix data/llada_text_document
+
+    # SFT examples (JSONL: prompt/response or chat messages), one sample of --seq-length tokens each,
+    # with per-token roles (prompt / response / padding); train with data.format=sft (docs/sft.md)
+    python tools/preprocess_data.py --sft --input train.jsonl --tokenizer-path hf/LLaDA-8B-Instruct \
+        --eod-token '<|endoftext|>' --mask-token '<|mdm_mask|>' --seq-length 1024 --output-prefix data/chat_sft
 
     # shards for data.loader=webdataset|dali: train with data.shards=[data/shards/manifest.json]
     python tools/preprocess_data.py --input corpus.jsonl --tokenizer-path data_cache/shakespeare/tokenizer.json \\
@@ -113,6 +119,44 @@ def byte_size(text: str) -> int:
     return int(float(number) * (1024 if binary else 1000) ** " kmgt".index(unit.lower() or " "))
 
 
+def check_sft_options(args, files) -> None:
+    """--sft: JSON-lines inputs, indexed output with --output-prefix, --seq-length; the first
+    record of every input is checked before the tokenizer loads."""
+    from prosec_mcore.data.chat_template import split_example
+
+    if args.output_format != "indexed" or args.output_dir or args.samples_per_shard or args.shard_bytes:
+        raise UserInputError("--sft writes indexed files (<prefix>.bin/.idx with <prefix>_roles.bin/.idx): drop "
+                             "--output-format webdataset / --output-dir / the shard options")
+    if args.output_prefix is None:
+        raise UserInputError("--sft needs --output-prefix (writes <prefix>.bin/.idx, <prefix>_roles.bin/.idx and "
+                             "<prefix>_sft.json)")
+    if args.seq_length is None or args.seq_length < 2:
+        raise UserInputError("--sft needs --seq-length >= 2: every example becomes one sample of exactly that many "
+                             "tokens (data.seq_length must equal it)")
+    if any(not f.endswith(JSON_EXT) for f in files):
+        raise UserInputError(f"--sft reads JSON-lines files, not {next(f for f in files if not f.endswith(JSON_EXT))}")
+    writable_file(args.output_prefix, "--output-prefix")
+    for path in files:
+        for lineno, record in iter_jsonl(path, hint="an SFT input holds one example per line"):
+            split_example(record, f"{path} line {lineno}")
+            break
+
+
+def write_sft(args, files, tokenizer) -> int:
+    """Tokenize the examples into the SFT files (data/sft.py) and say what was written."""
+    from prosec_mcore.data.sft import describe_sft_stats, iter_sft_records, write_sft_dataset
+
+    stats = write_sft_dataset(iter_sft_records(files), tokenizer, args.output_prefix, args.seq_length,
+                              template=args.chat_template or "auto", overlong=args.overlong or "refuse",
+                              show_progress=not args.no_progress)
+    for line in describe_sft_stats(stats):
+        print(line)
+    for path in stats["files"]:
+        print(f"wrote {path} ({os.path.getsize(path):,} bytes)")
+    print(f"train with data.format=sft data.data_prefix={args.output_prefix} data.seq_length={args.seq_length}")
+    return 0
+
+
 def check_output_options(args) -> None:
     """--output-prefix for indexed files; --output-dir, --seq-length and a shard size for shards."""
     shard_options = {"--output-dir": args.output_dir, "--seq-length": args.seq_length,
@@ -191,7 +235,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output-prefix", default=None,
                         help="indexed: writes <prefix>.bin and <prefix>.idx")
     parser.add_argument("--output-dir", default=None, help="webdataset: the shard set's folder")
-    parser.add_argument("--seq-length", type=int, default=None, help="webdataset: tokens per sample")
+    parser.add_argument("--seq-length", type=int, default=None, help="webdataset and --sft: tokens per sample")
     parser.add_argument("--split", default="90,10,0",
                         help="webdataset: train,valid,test shares of the documents (megatron's data.split)")
     parser.add_argument("--samples-per-shard", type=int, default=None,
@@ -209,6 +253,13 @@ def main(argv=None) -> int:
                         help=".txt: documents are separated by blank lines")
     parser.add_argument("--split-lines", action="store_true",
                         help=".txt: every non-empty line is a document")
+    parser.add_argument("--sft", action="store_true",
+                        help="JSONL examples (prompt/response or messages) -> one SFT sample each (data/sft.py)")
+    parser.add_argument("--chat-template", default=None,
+                        help="--sft: auto (default: the tokenizer's own, else default), default, none, or a .jinja file")
+    parser.add_argument("--overlong", default=None, choices=["refuse", "truncate"],
+                        help="--sft: an example longer than --seq-length stops the run (refuse, the default) or "
+                             "is truncated (the prompt's end and the response's start are kept)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -217,18 +268,25 @@ def main(argv=None) -> int:
     if not os.path.exists(args.tokenizer_path):
         raise UserInputError(f"--tokenizer-path {args.tokenizer_path} not found; "
                              f"tools/prepare_data.py writes a tokenizer.json")
-    check_output_options(args)
-    check_inputs(files, args.json_key)
+    if args.sft:
+        check_sft_options(args, files)
+    elif args.chat_template is not None or args.overlong is not None:
+        raise UserInputError("--chat-template and --overlong are options of --sft; add --sft or drop them")
+    else:
+        check_output_options(args)
+        check_inputs(files, args.json_key)
     from prosec_mcore.data.preprocess import preprocess_documents
     from prosec_mcore.data.tokenizer import build_tokenizer
 
     with user_input_errors(ValueError), reading_tokenizer(args.tokenizer_path):
         tokenizer = build_tokenizer(args.tokenizer_kind, args.tokenizer_path, eod_token=args.eod_token,
                                     mask_token=args.mask_token, pad_token=args.pad_token)
+    print(f"tokenizer: {tokenizer}")
+    if args.sft:
+        return write_sft(args, files, tokenizer)
     text_files = [f for f in files if not f.endswith(JSON_EXT)]
     json_files = [f for f in files if f.endswith(JSON_EXT)]
     docs = Documents(text_files, json_files, args)
-    print(f"tokenizer: {tokenizer}")
     print(f"inputs: {len(text_files)} text file(s), {len(json_files)} JSONL file(s)")
     if args.output_format == "webdataset":
         return write_webdataset(args, docs, tokenizer, files)

@@ -11,6 +11,10 @@ Typical flow::
                                         cache_dir="runs/x/data_index_cache")
     batches = make_batch_iterator(train, G, m, dp_rank, dp_size, start_iteration)
 
+Supervised fine-tuning data (one example per sample, with prompt and padding masks) is written by
+``write_sft_dataset`` / ``tools/preprocess_data.py --sft`` and read by ``SFTDataset`` (data/sft.py);
+prompts are rendered by data/chat_template.py.
+
 Heavy dependencies (megatron-core, tokenizers) are imported lazily inside functions
 where practical.
 """
@@ -33,6 +37,8 @@ from prosec_mcore.data.preprocess import (
     preprocess_documents,
 )
 from prosec_mcore.data.shards import check_shards, read_manifest, write_shards
+from prosec_mcore.data.chat_template import encode_prompt, render_prompt, split_example
+from prosec_mcore.data.sft import SFTDataset, write_sft_dataset
 from prosec_mcore.data.shard_dataset import ShardBlend, ShardDataset, build_shard_source
 from prosec_mcore.data.tokenizer import (
     EOD_TOKEN,
@@ -54,6 +60,7 @@ __all__ = [
     "HFTokenizer",
     "MULTISOURCE_SOURCES",
     "ProSeCoTokenizer",
+    "SFTDataset",
     "ShardBlend",
     "ShardDataset",
     "build_datasets",
@@ -62,6 +69,7 @@ __all__ = [
     "check_indexed_dataset_files",
     "check_shards",
     "data_sources_from_config",
+    "encode_prompt",
     "is_single_prefix",
     "iter_jsonl_documents",
     "iter_text_documents",
@@ -72,9 +80,12 @@ __all__ = [
     "prepare_shakespeare_corpus",
     "preprocess_documents",
     "read_manifest",
+    "render_prompt",
     "require_single_prefix",
+    "split_example",
     "strip_gutenberg_boilerplate",
     "validate_blend_prefixes",
     "validate_indexed_dataset",
+    "write_sft_dataset",
     "write_shards",
 ]

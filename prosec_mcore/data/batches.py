@@ -23,6 +23,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+SFT_MASKS = ("prompt_mask", "pad_mask")  # [m, L] bool, stacked when the source gives them
+
 
 class GlobalBatchIterator:
     """Iterator over this DP rank's micro-batches, iteration after iteration (see module
@@ -33,7 +35,9 @@ class GlobalBatchIterator:
     (``iteration * G + position``; the dataset index is that modulo ``len(dataset)``, or
     that itself for an endless source),
     ``batch_position [m]`` (0..G-1) and ``global_batch_index [m]`` (the iteration), plus
-    ``labels [m]`` when per-document ``labels`` are given (see :func:`load_document_labels`).
+    ``labels [m]`` when per-document ``labels`` are given (see :func:`load_document_labels`),
+    and the BoolTensors ``prompt_mask [m, L]`` and ``pad_mask [m, L]`` when the source's samples
+    carry them (SFT data, data/sft.py).
     Iterates forever unless ``end_iteration`` is given (exclusive).
     """
 
@@ -72,14 +76,16 @@ class GlobalBatchIterator:
         sample_index = iteration * self.global_batch_size + positions
         endless = getattr(self.dataset, "endless", False)
         n = None if endless else len(self.dataset)
-        tokens = torch.stack([torch.as_tensor(self.dataset[int(i) if endless else int(i) % n]["tokens"])
-                              for i in sample_index])
+        samples = [self.dataset[int(i) if endless else int(i) % n] for i in sample_index]
         batch = {
-            "tokens": tokens.long(),
+            "tokens": torch.stack([torch.as_tensor(s["tokens"]) for s in samples]).long(),
             "sample_index": sample_index,
             "batch_position": positions,
             "global_batch_index": torch.full_like(positions, iteration),
         }
+        for key in SFT_MASKS:  # SFT samples (data/sft.py): which positions are prompt, which padding
+            if key in samples[0]:
+                batch[key] = torch.stack([torch.as_tensor(s[key]) for s in samples]).bool()
         if self.labels is not None:
             docs = [sample_document(self.dataset, int(i) % n) for i in sample_index]
             batch["labels"] = torch.as_tensor(self.labels[docs], dtype=torch.long)

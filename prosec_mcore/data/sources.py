@@ -9,6 +9,9 @@
   of manifests), streamed with the webdataset library (data/shard_dataset.py);
 * ``dali``: the same shards decoded by NVIDIA DALI's webdataset reader (data/dali_decode.py).
 
+``data.format=sft`` reads supervised fine-tuning examples instead (data/sft.py: one example per
+sample, with its prompt and padding masks), from the files of ``tools/preprocess_data.py --sft``.
+
 Every source answers ``source[i] -> {"tokens": [L], ...}`` for the global sample index ``i``, so
 the batches (data/batches.py), the noise and the resume logic are the same for all of them.
 
@@ -46,6 +49,8 @@ def build_run_data(cfg, tokenizer, num_samples: tuple[int, int, int], cache_dir:
     valid and test samples, as megatron's builder takes them; 0 valid samples: validation off).
     Bad input raises a one-line ``ValueError`` naming the key or file."""
     d, t = cfg.data, cfg.train
+    if getattr(d, "format", "text") == "sft":
+        return _sft(cfg, tokenizer, num_samples)
     if d.loader == "indexed":
         return _indexed(cfg, tokenizer, num_samples, cache_dir)
     if d.data_prefix or d.data_path or d.train_data_path or d.valid_data_path or d.test_data_path:
@@ -90,6 +95,67 @@ def _indexed(cfg, tokenizer, num_samples, cache_dir) -> RunData:
     identity = {"loader": "indexed", "sources": json.loads(json.dumps(dataclasses.asdict(sources))),
                 "split": d.split, "seq_length": d.seq_length,
                 "seed": t.seed, "global_batch_size": t.global_batch_size}
+    return RunData(train, valid, description, identity)
+
+
+def _sft(cfg, tokenizer, num_samples) -> RunData:
+    """``data.format=sft``: the train and valid :class:`~prosec_mcore.data.sft.SFTDataset` of one
+    SFT dataset (``data.data_prefix``, or ``data.data_path`` of one prefix) cut into examples by
+    ``data.split`` (data/sft.py: split_examples), or of one prefix per split
+    (``data.train_data_path`` / ``data.valid_data_path``, each used whole). Blends, shards and the
+    packing options are refused in one line: an SFT sample is one example, not packed text."""
+    from .blends import data_sources_from_config
+    from .sft import SFTDataset, split_examples
+
+    d, t = cfg.data, cfg.train
+    hint = "data.format=sft reads the files of tools/preprocess_data.py --sft"
+    if d.loader != "indexed" or d.shards:
+        raise ValueError(f"{hint} (indexed, with per-token roles): set data.loader=indexed and drop data.shards")
+    for key, value in (("data.labels", d.labels), ("data.document_attention", d.document_attention),
+                       ("data.variable_length_fraction", d.variable_length_fraction)):
+        if value:
+            raise ValueError(f"{key} is for packed pre-training text, not data.format=sft (one example per "
+                             f"sample); drop it")
+    if not (d.data_prefix or d.data_path or d.train_data_path):
+        raise ValueError(f"{hint}: give data.data_prefix=<prefix> (or data.train_data_path=[<prefix>] and "
+                         f"data.valid_data_path=[<prefix>])")
+    if d.test_data_path:
+        raise ValueError("data.test_data_path is not read by training; drop it (evaluate a test set with "
+                         "tools/evaluate_prosec.py)")
+    sources = data_sources_from_config(d, "")
+    for blend in sources.blends:
+        if len(blend[0]) != 1:
+            raise ValueError(f"data.format=sft reads one SFT dataset per split, not a blend of {len(blend[0])}; "
+                             f"write the examples into one dataset with tools/preprocess_data.py --sft "
+                             f"(it takes several --input files)")
+    wants_valid = num_samples[1] > 0
+    if sources.blend is not None:
+        prefix = sources.blend[0][0]
+        whole = SFTDataset(prefix, d.seq_length, seed=t.seed, tokenizer=tokenizer)
+        train_idx, valid_idx, _ = split_examples(len(whole), d.split)
+        for name, idx, needed in (("train", train_idx, True), ("validation", valid_idx, wants_valid)):
+            if needed and not len(idx):
+                fix = ("a larger first share" if name == "train" else
+                       "a larger second share, e.g. \"data.split='90,10,0'\", or train.eval_interval=0")
+                raise ValueError(f"data.split={d.split} gives the {name} split none of the {len(whole)} examples "
+                                 f"of {prefix}; give it {fix}")
+        train, valid = whole.subset(train_idx), whole.subset(valid_idx) if wants_valid else None
+        description = f"SFT {prefix} split {d.split} ({len(train)} train, {len(valid_idx)} valid examples)"
+        split = d.split
+    else:
+        train_prefix = sources.blend_per_split[0][0][0]
+        valid_blend = sources.blend_per_split[1]
+        if wants_valid and valid_blend is None:
+            raise ValueError("data.train_data_path is set but data.valid_data_path is not, and validation is on; "
+                             "give data.valid_data_path=[<prefix>] or set train.eval_interval=0")
+        train = SFTDataset(train_prefix, d.seq_length, None, t.seed, tokenizer)
+        valid = SFTDataset(valid_blend[0][0], d.seq_length, None, t.seed, tokenizer) if wants_valid else None
+        description = (f"SFT train {train_prefix} ({len(train)} examples)"
+                       + (f" | valid {valid.prefix} ({len(valid)} examples)" if valid is not None else ""))
+        split = None
+    identity = {"loader": "indexed", "format": "sft", "train": train.fingerprint(),
+                "valid": valid.fingerprint() if valid is not None else None, "split": split,
+                "seq_length": d.seq_length, "seed": t.seed, "global_batch_size": t.global_batch_size}
     return RunData(train, valid, description, identity)
 
 

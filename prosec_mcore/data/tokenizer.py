@@ -209,6 +209,20 @@ class HFTokenizer(ProSeCoTokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self._tk.decode([int(i) for i in ids], skip_special_tokens=False)
 
+    def encode_with_special_tokens(self, text: str) -> list[int]:
+        """Ids of text in which special tokens are *written as their strings* on purpose: a chat
+        template's output (``<|startoftext|>...<|eot_id|>``, data/chat_template.py). Unlike
+        :meth:`encode`, the strings of special tokens become their ids, as transformers'
+        ``apply_chat_template`` tokenizes. A copy of the backend does this, so :meth:`encode` keeps
+        reading raw text as text in every thread."""
+        if not hasattr(self, "_chat_tk"):
+            from tokenizers import Tokenizer
+
+            copy = Tokenizer.from_str(self._tk.to_str())
+            copy.encode_special_tokens = False
+            self._chat_tk = copy
+        return self._chat_tk.encode(text, add_special_tokens=False).ids
+
     @property
     def vocab(self) -> dict[str, int]:
         return self._tk.get_vocab(with_added_tokens=True)

@@ -15,6 +15,22 @@ x_theta(.) the network's distribution over the vocabulary with the mask token's 
 
     loss  = (lambda_mdm * L_MDM + lambda_sc * L_SC) / (number of tokens in the batch)
 
+SFT (data.format=sft; diffusion/sft.py, docs/sft.md). A sample is (prompt p, response r): the model
+learns p_theta(r | p), as LLaDA's SFT does, and the same algorithm runs with three changes:
+
+    z_t   = the forward process on r only: prompt positions are never masked
+    L_MDM = sum over masked *response* positions l of   u_l * w(t) * CE(x_theta(z_t)_l, x_l)
+    y     = argmax x_theta(z_t) at response positions, x at prompt positions (both
+            corrector_input modes: "masked" keeps x wherever nothing was masked)
+    L_SC  = sum over *response* positions l of          u_l * w(t) * CE(x_theta(y)_l, x_l)
+    loss  = (lambda_mdm * L_MDM + lambda_sc * L_SC) / (number of examples in the batch)
+
+"Response" counts the response, its EOS and (objective.sft_pad_in_loss, LLaDA's choice) the EOS
+padding after it. u_l is the normaliser: 1 / (the example's counted positions) for
+objective.sft_normalization=response (LLaDA: each example's loss is its mean per response token),
+1 / L for `tokens` (the pre-training normaliser: sum over the batch's positions, prompts
+included). Prompt positions contribute exactly 0 to both terms and to every reported count.
+
 The removed tail of a variable-length sample (diffusion/packing.py) is never masked and adds 0 to
 both sums, yet still counts in the normaliser: every sample weighs L positions, however it is cut.
 
@@ -56,6 +72,8 @@ from dataclasses import dataclass
 import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+from .sft import SFTSettings
 
 CROSS_ENTROPY_IMPLS = ("none", "native", "te")
 
@@ -147,6 +165,7 @@ class LossOptions:
     errors_upweighted: bool = False
     weighted_corrector_loss: bool = True
     cross_entropy_fusion: str = "none"  # none | native | te (see `cross_entropy`)
+    sft: SFTSettings | None = None  # data.format=sft: prompt kept clean and out of the loss (diffusion/sft.py)
 
 
 @dataclass

@@ -99,6 +99,9 @@ class NoisedBatch:
     # Positions that take part in the sample, [b, L] bool; None: all of them. A variable-length cut
     # (diffusion/packing.py) removes the tail of a sample: never masked, no loss, no attention.
     keep: Optional[torch.Tensor] = None
+    # SFT samples (diffusion/sft.py: SFTMasks): the prompt, kept clean in `noised` and out of
+    # `masked`, and the loss positions with their normaliser weights; None: pre-training.
+    sft: Optional[object] = None
 
 
 def drop_labels(seed: int, sample_index: torch.Tensor, labels: torch.Tensor, p: float, null_label: int,

@@ -24,6 +24,15 @@ so no noise tensors travel through the pipeline. The same holds for packing (`Pa
 diffusion/packing.py): every stage derives a micro-batch's attention mask (or thd packed-sequence
 parameters) from its clean tokens, and variable-length cuts from (seed, sample index); both passes
 of a micro-batch use the same mask, since it comes from x and not from the model input.
+
+SFT (data.format=sft, `LossOptions.sft`; diffusion/sft.py). Every stage loads each micro-batch, its
+prompt and padding masks included, so every stage keeps the prompt clean in z_t exactly as the first
+one does, and the last stage scores only the response. y has x at the prompt before it leaves the
+loss function, so the hand-off (broadcast or, in one call, the send to the first stage) carries it
+as the corrector's input. The loss of a micro-batch of b examples is (1/b) sum u * term, u the
+normaliser's weight per position; the reported mdm_loss, sc_loss and corrector_nll are the same
+normalised sums over the global batch divided by its number of examples, and the fractions
+(mask_fraction, corrector_input_error_rate) are per counted response position.
 """
 from __future__ import annotations
 
@@ -40,11 +49,13 @@ from ..diffusion import losses
 from ..diffusion.noise import NoisedBatch, apply_forward_process, drop_labels, sample_times, token_uniforms
 from ..diffusion.packing import PackingSettings, attention_inputs, fill_removed_positions, pack_microbatch
 from ..diffusion.schedules import NoiseSchedule
+from ..diffusion.sft import SFTSettings, keep_prompt_clean, prompt_restored, refuse_unexpected_prompt, sft_masks
 from .faults import fault_injected
 from .one_call import CorrectorInputChannel, SchedulePlan, plan_schedule
 
 REPORT_KEYS = (
     "mdm_sum", "sc_sum", "sc_nll_sum", "tokens", "masked", "masked_correct", "errors", "errors_fixed", "removed",
+    "examples", "counted",  # SFT only: examples, and positions the loss counts
 )
 
 
@@ -91,8 +102,10 @@ class NoiseSettings:
     null_label: int = 0
 
 
-def noise_microbatch(mb: dict, schedule: NoiseSchedule, settings: NoiseSettings, mask_id: int, device) -> NoisedBatch:
-    """z_t for one micro-batch: a pure function of the samples' global indices and the seed."""
+def noise_microbatch(mb: dict, schedule: NoiseSchedule, settings: NoiseSettings, mask_id: int, device,
+                     sft: SFTSettings | None = None) -> NoisedBatch:
+    """z_t for one micro-batch: a pure function of the samples' global indices and the seed (and,
+    for SFT, of the data's prompt mask: the prompt is put back after the same draw)."""
     t = sample_times(settings.seed, mb["sample_index"], mb["global_batch_index"], mb["batch_position"],
                      settings.global_batch_size, settings.eps, settings.antithetic, settings.time_stream)
     u = token_uniforms(settings.seed, mb["sample_index"], mb["tokens"].shape[1], settings.mask_stream)
@@ -100,15 +113,21 @@ def noise_microbatch(mb: dict, schedule: NoiseSchedule, settings: NoiseSettings,
     if "labels" in mb:
         labels = drop_labels(settings.seed, mb["sample_index"], mb["labels"], settings.cond_dropout, settings.null_label)
         noised.labels = labels.to(device)
+    if sft is not None:
+        keep_prompt_clean(noised, sft_masks(mb, sft, device))
+    else:
+        refuse_unexpected_prompt(mb)
     return noised
 
 
 def loss_options(cfg) -> losses.LossOptions:
-    """The objective's options, plus the cross-entropy implementation that train.* chooses."""
+    """The objective's options, plus the cross-entropy implementation that train.* chooses and, for
+    data.format=sft, the SFT settings (objective.sft_normalization, objective.sft_pad_in_loss)."""
     o, t = cfg.objective, cfg.train
+    sft = SFTSettings(o.sft_normalization, o.sft_pad_in_loss) if cfg.data.format == "sft" else None
     return losses.LossOptions(o.lambda_mdm, o.lambda_sc, o.corrector_input, o.errors_upweighted,
                               o.weighted_corrector_loss,
-                              t.cross_entropy_fusion_impl if t.cross_entropy_loss_fusion else "none")
+                              t.cross_entropy_fusion_impl if t.cross_entropy_loss_fusion else "none", sft)
 
 
 def _backend_of(chunk) -> str:
@@ -125,6 +144,8 @@ class ProSeCoStep:
     vocabulary, megatron padding) and `mask_id` are never predicted (losses.invalid_vocab_mask).
     `packing` (diffusion/packing.py): document attention and variable-length samples; None, or
     settings that enable neither, run exactly the unrestricted computation.
+    `loss_opts.sft` (diffusion/sft.py): SFT micro-batches (prompt kept clean and out of the loss);
+    None: pre-training, whose micro-batches must carry no prompt mask.
     `schedule_mode` (train.proseco_schedule): "auto" | "one_call" | "two_call", how a ProSeCo
     training step uses megatron's schedule (training/one_call.py; `describe_schedule`)."""
 
@@ -149,6 +170,9 @@ class ProSeCoStep:
         plan_schedule(schedule_mode, 1, 1, 1)  # an unknown mode fails here, at construction
         self.schedule_mode = schedule_mode
         self._plans: dict = {}
+        if loss_opts.sft is not None and packing is not None and packing.restricts_attention:
+            raise ValueError("data.format=sft takes one example per sample: data.document_attention and "
+                             "data.variable_length_fraction do not apply; turn them off")
         if packing is not None and packing.restricts_attention and self.backend == "te" and micro_batch_size != 1:
             raise ValueError(f"data.document_attention / data.variable_length_fraction on the Transformer Engine layers "
                              f"use megatron's thd format, which takes train.micro_batch_size=1 (got {micro_batch_size})")
@@ -165,11 +189,13 @@ class ProSeCoStep:
         terms = losses.mdm_terms(logits, nb.clean, nb.masked, nb.weight, self._invalid_ids(logits),
                                  self.opts.corrector_input, self.opts.cross_entropy_fusion)
         # A cut sample's removed positions (never masked, so no MDM loss) get the same input in the
-        # corrector pass as in this one.
+        # corrector pass as in this one; an SFT prompt is given as it is (y = x there).
         pad_id = self.packing.pad_id if self.packing is not None else None
-        store[index] = fill_removed_positions(nb, terms.corrector_input, pad_id)
+        store[index] = fill_removed_positions(nb, prompt_restored(terms.corrector_input, nb), pad_id)
         if channel is not None:
             channel.send(store[index])
+        if nb.sft is not None:
+            return self._sft_mdm_loss(nb, terms, store[index], scale, logits.device)
         mdm_sum = terms.per_token.sum()
         masked = nb.masked.sum().float()
         removed = {} if nb.keep is None else {"removed": (~nb.keep).sum().float()}
@@ -177,10 +203,29 @@ class ProSeCoStep:
                          masked_correct=terms.accuracy_on_masked * masked, **removed)
         return scale * self.opts.lambda_mdm * mdm_sum / nb.clean.numel(), report
 
+    def _sft_mdm_loss(self, nb: NoisedBatch, terms: losses.MDMTerms, y, scale: float, device):
+        """The MDM loss of an SFT micro-batch: response positions only, each weighted by its
+        normaliser weight u (diffusion/sft.py); divided by the micro-batch's examples."""
+        counted, u = nb.sft.counted, nb.sft.weight
+        mdm_sum = (terms.per_token * u).sum()
+        masked = nb.masked & counted
+        examples = nb.clean.shape[0]
+        report = _report(device, mdm_sum=mdm_sum.detach(), tokens=float(nb.clean.numel()), examples=float(examples),
+                         counted=counted.sum().float(), masked=masked.sum().float(),
+                         masked_correct=((y == nb.clean) & masked).sum().float())
+        return scale * self.opts.lambda_mdm * mdm_sum / examples, report
+
     def _sc_loss(self, nb: NoisedBatch, index: int, store: dict, scale: float, logits):
         """The corrector loss of micro-batch `index`, whose y the MDM loss left in `store`."""
+        keep = nb.keep if nb.sft is None else nb.sft.counted  # SFT: response positions only
         terms = losses.sc_terms(logits, nb.clean, store[index], nb.weight, self._invalid_ids(logits), self.opts,
-                                keep=nb.keep)
+                                keep=keep)
+        if nb.sft is not None:
+            u = nb.sft.weight
+            sc_sum = (terms.per_token * u).sum()
+            report = _report(logits.device, sc_sum=sc_sum.detach(), sc_nll_sum=(terms.nll_per_token * u).sum(),
+                             errors=terms.num_errors, errors_fixed=terms.correct_on_errors)
+            return scale * self.opts.lambda_sc * sc_sum / nb.clean.shape[0], report
         sc_sum = terms.per_token.sum()
         report = _report(logits.device, sc_sum=sc_sum.detach(), sc_nll_sum=terms.nll_per_token.sum(),
                          errors=terms.num_errors, errors_fixed=terms.correct_on_errors)
@@ -293,7 +338,8 @@ class ProSeCoStep:
         with_corrector = self.objective == "proseco" if with_corrector is None else with_corrector
         cut = not forward_only if variable_length is None else variable_length
         clock = _PhaseClock(self.time_phases)
-        noised = [noise_microbatch(mb, self.schedule, noise, self.mask_id, self.device) for mb in microbatches]
+        noised = [noise_microbatch(mb, self.schedule, noise, self.mask_id, self.device, self.opts.sft)
+                  for mb in microbatches]
         if not forward_only and fault_injected("nonfinite", int(microbatches[0]["global_batch_index"][0]) + 1):
             noised[0].weight = noised[0].weight * float("nan")  # a test's diverging batch (faults.py)
         segments = [None if self.packing is None else pack_microbatch(mb["sample_index"], nb, self.packing, cut)
@@ -333,6 +379,8 @@ class ProSeCoStep:
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:  # only the last stage has values
             torch.distributed.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
         s = dict(zip(REPORT_KEYS, total.tolist()))
+        if self.opts.sft is not None:
+            return self._sft_metrics(s)
         tokens = max(s["tokens"], 1.0)
         metrics = {
             "mdm_loss": s["mdm_sum"] / tokens,
@@ -346,5 +394,24 @@ class ProSeCoStep:
         }
         if with_removed:
             metrics["removed_fraction"] = s["removed"] / tokens
+        metrics["loss"] = self.opts.lambda_mdm * metrics["mdm_loss"] + self.opts.lambda_sc * metrics["sc_loss"]
+        return metrics
+
+    def _sft_metrics(self, s: dict) -> dict:
+        """The global metrics of an SFT batch: the loss terms (and the corrector NLL) normalised as
+        the loss is (the u-weighted sums over the global batch's examples), the fractions per
+        counted response position; `response_fraction` is the share of positions the loss counts."""
+        examples, counted = max(s["examples"], 1.0), max(s["counted"], 1.0)
+        metrics = {
+            "mdm_loss": s["mdm_sum"] / examples,
+            "sc_loss": s["sc_sum"] / examples,
+            "corrector_nll": s["sc_nll_sum"] / examples,
+            "mask_fraction": s["masked"] / counted,
+            "denoiser_accuracy": s["masked_correct"] / max(s["masked"], 1.0),
+            "corrector_accuracy_on_errors": s["errors_fixed"] / max(s["errors"], 1.0),
+            "corrector_input_error_rate": s["errors"] / counted,
+            "response_fraction": s["counted"] / max(s["tokens"], 1.0),
+            "tokens": s["tokens"],
+        }
         metrics["loss"] = self.opts.lambda_mdm * metrics["mdm_loss"] + self.opts.lambda_sc * metrics["sc_loss"]
         return metrics

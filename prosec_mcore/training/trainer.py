@@ -134,7 +134,7 @@ class Trainer:
         self.accounting = StepAccounting.for_run(cfg, padded_vocab_size(self.vocab_size), world_size)
 
         o = cfg.objective
-        self.loss_opts = loss_options(cfg)
+        self.loss_opts = loss_options(cfg)  # with data.format=sft, the SFT settings (diffusion/sft.py)
         self.step = ProSeCoStep(self.model, self.tconfig, o.name, self.loss_opts,
                                 build_schedule(o.schedule, o.schedule_eps), self.mask_id, self.tokenizer_vocab_size,
                                 cfg.data.seq_length, t.micro_batch_size, packing=packing_settings(cfg, self.tokenizer),
@@ -281,6 +281,12 @@ class Trainer:
         if cfg.objective.name == "proseco":
             print(f"[prosec] {self.schedule_line}", flush=True)
         d = cfg.data
+        if d.format == "sft":
+            o = cfg.objective
+            print(f"[prosec] SFT: prompts never masked and never in the loss; loss normalised per "
+                  f"{'example by its response length, then averaged over examples' if o.sft_normalization == 'response' else 'position (as pre-training)'}"
+                  f"; EOS padding {'counted as response' if o.sft_pad_in_loss else 'noised but out of the loss'} "
+                  f"(objective.sft_normalization={o.sft_normalization}, sft_pad_in_loss={o.sft_pad_in_loss})", flush=True)
         if d.document_attention or d.variable_length_fraction:
             parts = (["document attention: no position attends across an EOD"] if d.document_attention else []) + (
                 [f"variable length: {d.variable_length_fraction:.3g} of the training samples cut to a random length "

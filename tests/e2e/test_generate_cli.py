@@ -93,3 +93,46 @@ def test_evaluate_nelbo_reproduces_the_training_validation(trained, tmp_path):
     assert result["iteration"] == logged["iteration"] == 3
     for key in ("valid_nelbo", "valid_corrector_nll"):
         assert result[key] == pytest.approx(logged[key], rel=1e-6), key
+
+
+def test_prompted_generation_from_a_prompt_file(trained, tmp_path, capsys):
+    """--prompts: prompts of different lengths in one batch, the block sampler with a corrector;
+    the prompts come back as given, responses and NFE are written; bad input is one line."""
+    prompts = tmp_path / "prompts.jsonl"
+    records = [{"prompt": "ROMEO:"}, {"messages": [{"role": "user", "content": "JULIET: O Romeo, Romeo!"}]},
+               {"prompt": "KING", "response": "ignored", "answer": "x"}]
+    prompts.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    out = tmp_path / "answers.jsonl"
+    printed = cli("generate_prosec.py", [str(trained), "--prompts", str(prompts), "--gen-length", "8",
+                                         "--chat-template", "none", "--sampler", "blocks", "--steps", "4",
+                                         "--block-length", "4", "--corrector-steps", "1", "--batch-size", "3",
+                                         "--out", str(out)])
+    assert "NFE per prompt" in printed
+    rows, summary = read_samples(out)
+    assert [r["prompt"] for r in rows] == ["ROMEO:", "JULIET: O Romeo, Romeo!", "KING"]
+    for r in rows:
+        assert r["response_tokens"] <= 8 and r["nfe"] == r["nfe_unmask"] + r["nfe_correct"]
+        assert 1 <= r["nfe_unmask"] <= 4 and r["nfe_correct"] <= 4  # 2 blocks x 2 steps, a loop per step
+    assert summary["sampler"] == "blocks" and summary["prompts"] == 3 and summary["batches"] == 1
+    assert summary["nfe_per_batch"] >= max(r["nfe"] for r in rows)
+    bad_record = tmp_path / "bad.jsonl"
+    bad_record.write_text('{"prompt": "a"}\n{"question": "b"}\n')
+    tool = load_tool()  # in process: each of these fails before any model is loaded
+    for args, expected in (([], "--prompts needs --gen-length"),
+                           (["--gen-length", "8", "--prompt", "x"], "--prompt does not combine with --prompts"),
+                           (["--gen-length", "6", "--sampler", "blocks", "--block-length", "4"],
+                            "multiple of the block"),
+                           (["--gen-length", "8", "--prompts", str(bad_record)], "bad.jsonl line 2")):
+        assert tool.main([str(trained), "--prompts", str(prompts), "--out", str(out)] + args) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], (args, lines)
+
+
+def load_tool():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "generate_prosec.py")
+    spec = importlib.util.spec_from_file_location("generate_prosec_tool", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool

@@ -66,3 +66,22 @@ def test_the_cpu_recipe_changes_only_size_and_length():
         assert _get(cpu, key) == _get(ref, key), key
     assert cpu.train.min_lr == pytest.approx(cpu.train.lr / 100)
     validate_config(cpu, world_size=1, cuda_available=False, te_available=False)
+
+
+# LLaDA's SFT (Nie et al. 2025, section 2.3; ML-GSAI/LLaDA GUIDELINES.md), written here from the
+# paper: batch 256 (2 per GPU), 3 epochs of 4.5M pairs, warm-up 0 -> 2.5e-5 over 50 iterations,
+# weight decay 0.1, the answer-length normaliser with the EOS padding counted, LLaDA-8B's shape.
+LLADA_SFT = {"data.format": "sft", "objective.name": "proseco", "objective.sft_normalization": "response",
+             "objective.sft_pad_in_loss": True, "train.global_batch_size": 256, "train.micro_batch_size": 2,
+             "train.iters": 4_500_000 * 3 // 256, "train.lr": 2.5e-5, "train.lr_warmup_iters": 50,
+             "train.lr_warmup_init": 0.0, "train.weight_decay": 0.1, "model.style": "llama",
+             "model.time_conditioning": "none", "model.num_layers": 32, "model.hidden_size": 4096,
+             "data.seq_length": 4096, "data.variable_length_fraction": 0.0, "data.document_attention": False}
+
+
+def test_llada_sft_recipe_resolves_to_the_published_values():
+    cfg = load_config(["recipe=llada8b_sft"])
+    wrong = {key: (_get(cfg, key), want) for key, want in LLADA_SFT.items() if _get(cfg, key) != want}
+    assert not wrong, f"llada8b_sft: (got, LLaDA) {wrong}"
+    validate_config(cfg, world_size=128, cuda_available=True, te_available=False)
+    assert load_config(["recipe=llada8b_sft", "objective=mdlm"]).data.format == "sft"  # the vanilla-SFT baseline
