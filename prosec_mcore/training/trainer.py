@@ -275,9 +275,12 @@ class Trainer:
               f"params on rank 0: {n_params/1e6:.2f}M | vocab {self.vocab_size} (padded {padded_vocab_size(self.vocab_size, cfg.parallel.tp)})"
               + (f" of which the tokenizer's {self.tokenizer_vocab_size}" if self.tokenizer_vocab_size != self.vocab_size else "")
               + f" mask_id {self.mask_id}", flush=True)
-        size = "streamed" if getattr(self.train_ds, "endless", False) else f"{len(self.train_ds)}"
+        if cfg.data.format == "sft":  # endless (a fresh order every epoch) over a known number of examples
+            size = f"{len(self.train_ds)} examples, one per sample,"
+        else:
+            size = "streamed samples" if getattr(self.train_ds, "endless", False) else f"{len(self.train_ds)} samples"
         print(f"[prosec] objective={cfg.objective.name} schedule={cfg.objective.schedule} | data {self.data.description} "
-              f"(train {size} samples of {cfg.data.seq_length} tokens) | tokenizer {tok_path}", flush=True)
+              f"(train {size} of {cfg.data.seq_length} tokens) | tokenizer {tok_path}", flush=True)
         if cfg.objective.name == "proseco":
             print(f"[prosec] {self.schedule_line}", flush=True)
         d = cfg.data
