@@ -47,7 +47,7 @@ import json
 import os
 import time
 from collections import OrderedDict
-from typing import Iterable, Optional
+from typing import Iterable
 
 import numpy as np
 import torch

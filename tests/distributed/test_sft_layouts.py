@@ -28,8 +28,6 @@ the prompt kept clean on the last pipeline stage only (the first stage's z_t mas
 import json
 import os
 
-import pytest
-
 from tests.distributed.launch import run_distributed
 
 GRAD_RTOL = 1e-5
@@ -81,7 +79,6 @@ def _objectives(mode):
 
 def _run_layout(tp, pp, mode):
     """(metrics, [(global name, parameter, main_grad)], plan) per objective for one layout."""
-    import torch
     from megatron.core import parallel_state
     from megatron.core.distributed import finalize_model_grads
 

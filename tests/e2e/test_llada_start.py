@@ -51,31 +51,41 @@ def _tokenizer_json(docs) -> str:
     return json.dumps(data)
 
 
-@pytest.fixture(scope="module")
-def llada_folder(tmp_path_factory, shakespeare_corpus):
+def save_tiny_llada(hf_dir, docs, seed: int, max_sequence_length: int = 64, loud_invalid_rows: bool = True):
+    """A random LLaDA-layout model (2 layers, hidden 32, MODEL_VOCAB rows) and the BPE tokenizer
+    (TOKENIZER_VOCAB ids, the mask at MASK_ID) in a Hugging Face folder. Its weights are moved off
+    their initialisation (a generic point: every block contributes); with `loud_invalid_rows` the
+    output rows of the mask and of the ids beyond the tokenizer are scaled up, so that an
+    unsuppressed argmax would pick them almost everywhere."""
     import torch
 
     from prosec_mcore.hf.llada.configuration_llada import LLaDAConfig
     from prosec_mcore.hf.llada.modeling_llada import LLaDAModelLM
     from prosec_mcore.hf.llada_bridge import LLADA_8B_BASE_CONFIG
 
-    root = tmp_path_factory.mktemp("llada")
-    docs = _documents(shakespeare_corpus[0].split("=", 1)[1])
-    hf_dir = root / "tiny-llada"
     config = LLaDAConfig(**{**LLADA_8B_BASE_CONFIG, "d_model": 32, "n_heads": 4, "n_kv_heads": 2, "n_layers": 2,
                             "mlp_hidden_size": 48, "vocab_size": MODEL_VOCAB, "embedding_size": MODEL_VOCAB,
-                            "max_sequence_length": 64, "mask_token_id": MASK_ID, "eos_token_id": 298,
-                            "pad_token_id": 298, "torch_dtype": "float32"})
-    torch.manual_seed(7)
+                            "max_sequence_length": max_sequence_length, "mask_token_id": MASK_ID,
+                            "eos_token_id": 298, "pad_token_id": 298, "torch_dtype": "float32"})
+    torch.manual_seed(seed)
     model = LLaDAModelLM(config)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.2)
-        out = model.model.transformer.ff_out.weight
-        out[MASK_ID] *= 20.0
-        out[TOKENIZER_VOCAB:] *= 20.0
+        if loud_invalid_rows:
+            out = model.model.transformer.ff_out.weight
+            out[MASK_ID] *= 20.0
+            out[TOKENIZER_VOCAB:] *= 20.0
     model.save_pretrained(str(hf_dir))
     (hf_dir / "tokenizer.json").write_text(_tokenizer_json(docs))
+
+
+@pytest.fixture(scope="module")
+def llada_folder(tmp_path_factory, shakespeare_corpus):
+    root = tmp_path_factory.mktemp("llada")
+    docs = _documents(shakespeare_corpus[0].split("=", 1)[1])
+    hf_dir = root / "tiny-llada"
+    save_tiny_llada(hf_dir, docs, seed=7)
     with open(root / "docs.jsonl", "w") as f:
         f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
     prefix = root / "data" / "tiny_text_document"

@@ -16,13 +16,12 @@ data.format=sft on 2 data-parallel ranks, saving at iteration 2. Checked:
   uninterrupted run does (the noise, the batches and the prompt masks are functions of the
   iteration alone).
 """
-import json
 import shlex
 
 import pytest
 
 from tests.cli import ok, read_metrics, run_tool
-from tests.e2e.test_llada_start import MASK_ID, MODEL_VOCAB, TOKENIZER_VOCAB, _documents, _tokenizer_json
+from tests.e2e.test_llada_start import MASK_ID, MODEL_VOCAB, TOKENIZER_VOCAB, _documents, save_tiny_llada
 
 SEQ = 64
 KEYS = ("loss", "mdm_loss", "sc_loss", "grad_norm", "lr", "mask_fraction", "response_fraction")
@@ -39,29 +38,14 @@ def _records(docs):
 
 @pytest.fixture(scope="module")
 def sft_llada(tmp_path_factory, shakespeare_corpus):
-    import torch
-
     from prosec_mcore.config_loader import load_config
     from prosec_mcore.data.sft import write_sft_dataset
-    from prosec_mcore.hf.llada.configuration_llada import LLaDAConfig
-    from prosec_mcore.hf.llada.modeling_llada import LLaDAModelLM
-    from prosec_mcore.hf.llada_bridge import LLADA_8B_BASE_CONFIG
     from prosec_mcore.training.trainer import build_run_tokenizer, resolve_tokenizer_path
 
     root = tmp_path_factory.mktemp("sft_llada")
     docs = _documents(shakespeare_corpus[0].split("=", 1)[1])
     hf_dir = root / "tiny-llada"
-    config = LLaDAConfig(**{**LLADA_8B_BASE_CONFIG, "d_model": 32, "n_heads": 4, "n_kv_heads": 2, "n_layers": 2,
-                            "mlp_hidden_size": 48, "vocab_size": MODEL_VOCAB, "embedding_size": MODEL_VOCAB,
-                            "max_sequence_length": SEQ, "mask_token_id": MASK_ID, "eos_token_id": 298,
-                            "pad_token_id": 298, "torch_dtype": "float32"})
-    torch.manual_seed(3)
-    model = LLaDAModelLM(config)
-    with torch.no_grad():  # a generic point: every block contributes
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    model.save_pretrained(str(hf_dir))
-    (hf_dir / "tokenizer.json").write_text(_tokenizer_json(docs))
+    save_tiny_llada(hf_dir, docs, seed=3, max_sequence_length=SEQ, loud_invalid_rows=False)
     printed = ok(run_tool("convert_checkpoint.py", ["import", "--hf", str(hf_dir), "--out",
                                                     str(root / "imported")], timeout=200)).stdout
     overrides = shlex.split(printed.split("train from it with: ")[1].splitlines()[0])
