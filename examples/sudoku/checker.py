@@ -16,8 +16,8 @@ Written here rather than taken from py-sudoku: its ``validate()`` accepts boards
 has no notion of givens or of text; the rules are a few lines.
 """
 
-from __future__ import annotations
-
+# (no `from __future__ import annotations`: a dataclass with string annotations fails in a module
+# loaded by file path without a sys.modules entry, as a --checker file is)
 from dataclasses import dataclass
 
 SIZE, BOX_ROWS, BOX_COLS = 6, 2, 3

@@ -29,8 +29,8 @@ training, with any blank pattern).
 digits joined by ``/``; the prompt is the puzzle with ``0`` for a blank, followed by ``/``; the
 response is the solution grid::
 
-    prompt   "041600/000021/120300/050010/006000/200140/"     (42 characters)
-    response "341652/865421/124365/653214/416532/532146"      (41 characters, then EOS)
+    prompt   "306241/142053/025136/630005/510062/260510/"     (42 characters)
+    response "356241/142653/425136/631425/514362/263514"      (41 characters, then EOS)
 
 The separators give the model explicit row boundaries (its rotary positions are relative), and
 cell (r, c) of the response sits exactly 42 positions after the same cell of the prompt.

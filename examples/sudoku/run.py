@@ -12,14 +12,17 @@ Stages (each skipped when its output exists):
    ``data_cache/sudoku``; ``tools/preprocess_data.py --sft --chat-template none`` turns the
    training puzzles into the SFT files (prompt as is, response, EOS).
 2. **training**: ``tools/pretrain_prosec.py model=sudoku data=sudoku train=sudoku`` with
-   ``objective=mdlm`` and ``objective=proseco`` for each ``train.seed`` in ``--seeds``, two
-   processes at a time with one thread each; a run whose last checkpoint is at ``train.iters`` is
-   not trained again (an interrupted one resumes from its checkpoint).
+   ``objective=mdlm`` and ``objective=proseco`` for each ``train.seed`` in ``--seeds``, plus
+   ``mdlm2x``: vanilla SFT with twice the steps, i.e. ProSeCo's training compute (a ProSeCo step
+   runs two forward/backward passes) and ``mdlm_eps01``: vanilla SFT with ProSeCo's eps_train
+   0.1 (so that the SC term is the only difference); two processes at a time with one thread each; a run whose
+   last checkpoint is at its step count is not trained again (an interrupted one resumes).
 3. **evaluation**: every checkpoint answers the same ``--num-test`` held-out puzzles with each of
    its methods (below) at each step budget (sampling seed = training seed), in a subprocess per
    run, two at a time; ``results/rows_<run>.json`` per run.
 4. **report**: ``results/rows.json`` (every row), ``results.json`` (means and spreads over seeds),
-   ``table.md``, ``claim.md`` and ``accuracy_vs_nfe.png``.
+   ``table.md``, ``claim.md`` (NFE to reach vanilla's best), ``paired.md`` (differences seed by
+   seed at equal NFE), ``training.md`` and ``accuracy_vs_nfe.png``.
 
 Methods. All block-sampler methods decode the whole response as ONE block (block length = the
 42 generated positions): confidence-ordered unmasking over the grid, the order that suits a
@@ -29,6 +32,8 @@ puzzle; k = 42 / T tokens per step at T steps, temperature 0 (argmax proposals).
 * ``vanilla + ReMDM``: the vanilla model, ReMDM remasking over the response (eta 0.02);
 * ``vanilla + loops (control)``: the vanilla model with the Balanced corrector, to tell the
   sampler's effect from the objective's;
+* ``vanilla 2x steps + confidence``: the compute-matched vanilla model, block sampler;
+* ``vanilla eps_train 0.1 + confidence``: vanilla SFT with ProSeCo's eps_train, block sampler;
 * ``ProSeCo + confidence``: the ProSeCo model, block sampler, no corrector;
 * ``ProSeCo Fast / Balanced / Max``: the ProSeCo model with corrector loops of up to S argmax
   iterations every ``every`` steps: Fast (every 4, S 1), Balanced (every 2, S 2), Max (every 1,
@@ -53,11 +58,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-# name -> (objective of the model, sampler, corrector (every, S) or None, step budgets)
+# run kind -> (objective, training steps as a multiple of train.iters, extra overrides). Controls:
+# `mdlm2x` is vanilla SFT at ProSeCo's training compute (a ProSeCo step runs two forward/backward
+# passes, MDM and SC); `mdlm_eps01` is vanilla SFT with ProSeCo's eps_train 0.1 (t in [0.1, 1]
+# instead of [1e-3, 1]), so that the SC term is the only difference to ProSeCo.
+RUN_KINDS = {"proseco": ("proseco", 1, []), "mdlm2x": ("mdlm", 2, []), "mdlm": ("mdlm", 1, []),
+             "mdlm_eps01": ("mdlm", 1, ["objective.eps_train=0.1"])}
+# method -> (run kind of the model, sampler, corrector (every, S) or None, step budgets)
 METHODS = {
     "vanilla + confidence": ("mdlm", "blocks", None, "plain"),
     "vanilla + ReMDM": ("mdlm", "remdm", None, "plain"),
     "vanilla + loops (control)": ("mdlm", "blocks", (2, 2), "balanced"),
+    "vanilla 2x steps + confidence": ("mdlm2x", "blocks", None, "plain"),
+    "vanilla eps_train 0.1 + confidence": ("mdlm_eps01", "blocks", None, "plain"),
     "ProSeCo + confidence": ("proseco", "blocks", None, "plain"),
     "ProSeCo Fast (every 4, S 1)": ("proseco", "blocks", (4, 1), "plain"),
     "ProSeCo Balanced (every 2, S 2)": ("proseco", "blocks", (2, 2), "balanced"),
@@ -108,8 +121,8 @@ def prepare_data(args, cfg):
 
 
 # ------------------------------------------------------------------------------- 2. training
-def run_dir(args, objective, seed):
-    return os.path.join(args.runs, f"{objective}-seed{seed}")
+def run_dir(args, kind, seed):
+    return os.path.join(args.runs, f"{kind}-seed{seed}")
 
 
 def final_iteration(path):
@@ -123,15 +136,13 @@ def final_iteration(path):
     return int(name.split("_")[-1]) if name.startswith("iter_") else None
 
 
-def train_command(args, cfg, prefix, objective, seed):
+def train_command(args, cfg, prefix, kind, seed, iters):
     cmd = [sys.executable, os.path.join(ROOT, "tools", "pretrain_prosec.py"), "model=sudoku", "data=sudoku",
-           "train=sudoku", f"objective={objective}", f"train.seed={seed}", f"data.data_prefix={prefix}",
-           f"data.tokenizer.path={os.path.join(args.data_dir, 'chars.txt')}",
-           f"run_dir={run_dir(args, objective, seed)}"]
+           "train=sudoku", f"objective={RUN_KINDS[kind][0]}", f"train.seed={seed}", f"data.data_prefix={prefix}",
+           f"data.tokenizer.path={os.path.join(args.data_dir, 'chars.txt')}", f"run_dir={run_dir(args, kind, seed)}"]
     if cfg["iters"]:
-        cmd += [f"train.iters={cfg['iters']}", "train.eval_interval=0", "train.log_interval=1",
-                "train.lr_warmup_iters=1"]
-    return cmd + args.train_overrides
+        cmd += ["train.eval_interval=0", "train.log_interval=1", "train.lr_warmup_iters=1"]
+    return cmd + RUN_KINDS[kind][2] + args.train_overrides + [f"train.iters={iters * RUN_KINDS[kind][1]}"]
 
 
 def train_iters(args, cfg):
@@ -173,26 +184,26 @@ def run_pool(jobs, parallel):
 def train_all(args, cfg, prefix):
     iters = train_iters(args, cfg)
     jobs = []
-    for objective in ("proseco", "mdlm"):  # the slower objective first: the pool ends sooner
+    for kind in RUN_KINDS:  # the slower runs first: the pool ends sooner
         for seed in cfg["seeds"]:
-            path = run_dir(args, objective, seed)
-            if final_iteration(path) == iters:
-                log(f"train: {path} is done ({iters} iterations)")
+            path = run_dir(args, kind, seed)
+            if final_iteration(path) == iters * RUN_KINDS[kind][1]:
+                log(f"train: {path} is done ({iters * RUN_KINDS[kind][1]} iterations)")
                 continue
             os.makedirs(path, exist_ok=True)
-            jobs.append((f"train {objective} seed {seed}", train_command(args, cfg, prefix, objective, seed),
+            jobs.append((f"train {kind} seed {seed}", train_command(args, cfg, prefix, kind, seed, iters),
                          os.path.join(path, "train.log")))
     run_pool(jobs, args.parallel)
 
 
 # ----------------------------------------------------------------------------- 3. evaluation
-def method_specs(cfg, objective):
-    """[(method, steps, SamplerSpec)] for a model trained with ``objective``."""
+def method_specs(cfg, kind):
+    """[(method, steps, SamplerSpec)] for a model of run kind ``kind``."""
     from prosec_mcore.sampling import CorrectorSettings, SamplerSpec
 
     out = []
     for name, (obj, sampler, corrector, budget) in METHODS.items():
-        if obj != objective:
+        if obj != kind:
             continue
         for steps in cfg["steps"][budget]:
             if sampler == "remdm":
@@ -247,7 +258,7 @@ def evaluate_run(args, cfg, objective, seed):
 def evaluate_all(args, cfg):
     os.makedirs(args.out, exist_ok=True)
     jobs = []
-    for objective in ("proseco", "mdlm"):
+    for objective in RUN_KINDS:
         wanted = {(m, t) for m, (obj, _, _, budget) in METHODS.items() if obj == objective
                   for t in cfg["steps"][budget]}
         for seed in cfg["seeds"]:
@@ -257,7 +268,7 @@ def evaluate_all(args, cfg):
                 log(f"evaluate: {rows_path} is complete")
                 continue
             cmd = [sys.executable, os.path.abspath(__file__), "--evaluate-run", name] + args.passthrough
-            jobs.append((f"evaluate {name}", cmd, os.path.join(args.out, f"eval_{name}.log")))
+            jobs.append((f"evaluate {name}", cmd, os.path.join(run_dir(args, objective, seed), "eval.log")))
     run_pool(jobs, args.parallel)
 
 
@@ -295,32 +306,95 @@ def write_table(agg, out):
 
 
 def write_claim(agg, out):
-    """Vanilla's best puzzle accuracy (either vanilla sampler, any T) and, per ProSeCo method,
-    the lowest NFE at which its mean reaches it (the paper: 2-3x fewer NFE)."""
-    vanilla = [a for a in agg if a["objective"] == "mdlm" and "control" not in a["method"]]
-    best = max(vanilla, key=lambda a: (a["puzzle_accuracy"], -a["nfe"]))
-    lines = [f"Vanilla SFT's best puzzle accuracy: {pct(best, 'puzzle_accuracy')} with {best['method']} "
-             f"at T={best['steps']} ({best['nfe']:.1f} NFE).", "",
-             "| method | lowest NFE reaching vanilla's best | NFE ratio | its best accuracy % (NFE) | "
-             "beats the best vanilla method at equal or lower NFE |",
-             "|---|---:|---:|---:|---|"]
-    for method in METHODS:
-        pts = sorted([a for a in agg if a["method"] == method], key=lambda a: a["nfe"])
-        if not pts or pts[0]["objective"] != "proseco" and "control" not in method:
+    """The best puzzle accuracy of a vanilla reference (any of its samplers, any T) and, per other
+    method, the lowest NFE at which its mean reaches it (the paper: 2-3x fewer NFE than vanilla),
+    and whether it beats the reference's best at equal or lower NFE. Two references: vanilla SFT
+    at the same training steps (the paper's protocol) and at ProSeCo's training compute (2x steps)."""
+    lines = []
+    for kind, title in (("mdlm", "vanilla SFT, same training steps"),
+                        ("mdlm2x", "vanilla SFT, 2x steps (ProSeCo's training compute)"),
+                        ("mdlm_eps01", "vanilla SFT with eps_train 0.1 (ProSeCo's)")):
+        vanilla = [a for a in agg if a["objective"] == kind and "control" not in a["method"]]
+        if not vanilla:
             continue
-        reach = next((a for a in pts if a["puzzle_accuracy"] >= best["puzzle_accuracy"]), None)
-        top = max(pts, key=lambda a: a["puzzle_accuracy"])
-        wins = []
-        for a in pts:
-            rivals = [v for v in vanilla if v["nfe"] <= a["nfe"] + 1e-9]
-            if rivals:
-                r = max(rivals, key=lambda v: v["puzzle_accuracy"])
-                wins.append(f"{'yes' if a['puzzle_accuracy'] > r['puzzle_accuracy'] else 'no'} "
-                            f"@{a['nfe']:.0f}")
-        lines.append(f"| {method} | " + (f"{reach['nfe']:.1f}" if reach else "never") + " | "
-                     + (f"{best['nfe'] / reach['nfe']:.2f}x" if reach else "-") + " | "
-                     f"{100 * top['puzzle_accuracy']:.1f} ({top['nfe']:.0f}) | {', '.join(wins) or '-'} |")
+        best = max(vanilla, key=lambda a: (a["puzzle_accuracy"], -a["nfe"]))
+        lines += [f"### Reference: {title}", "",
+                  f"Its best puzzle accuracy: {pct(best, 'puzzle_accuracy')} with {best['method']} "
+                  f"at T={best['steps']} "
+                  f"({best['nfe']:.1f} NFE).", "",
+                  "| method | lowest NFE reaching it | NFE ratio | method's best accuracy % (NFE) | "
+                  "beats the reference's best at equal or lower NFE |", "|---|---:|---:|---:|---|"]
+        for method in METHODS:
+            pts = sorted([a for a in agg if a["method"] == method], key=lambda a: a["nfe"])
+            if not pts or pts[0]["objective"] == kind and "control" not in method:
+                continue
+            reach = next((a for a in pts if a["puzzle_accuracy"] >= best["puzzle_accuracy"]), None)
+            top = max(pts, key=lambda a: a["puzzle_accuracy"])
+            wins = []
+            for a in pts:
+                rivals = [v for v in vanilla if v["nfe"] <= a["nfe"] + 1e-9]
+                if rivals:
+                    r = max(rivals, key=lambda v: v["puzzle_accuracy"])
+                    wins.append(f"{'yes' if a['puzzle_accuracy'] > r['puzzle_accuracy'] else 'no'} @{a['nfe']:.0f}")
+            lines.append(f"| {method} | " + (f"{reach['nfe']:.1f}" if reach else "never") + " | "
+                         + (f"{best['nfe'] / reach['nfe']:.2f}x" if reach else "-") + " | "
+                         f"{100 * top['puzzle_accuracy']:.1f} ({top['nfe']:.0f}) | {', '.join(wins) or '-'} |")
+        lines.append("")
     with open(os.path.join(out, "claim.md"), "w") as f:
+        f.write("\n".join(lines))
+
+
+PAIRS = [  # (method, the reference it is compared with on the same training seed)
+    ("ProSeCo Fast (every 4, S 1)", "ProSeCo + confidence"),
+    ("ProSeCo Balanced (every 2, S 2)", "ProSeCo + confidence"),
+    ("ProSeCo Max (every 1, S 4)", "ProSeCo + confidence"),
+    ("ProSeCo + confidence", "vanilla + confidence"),
+    ("ProSeCo + confidence", "vanilla 2x steps + confidence"),
+    ("ProSeCo + confidence", "vanilla eps_train 0.1 + confidence"),
+]
+
+
+def write_paired(rows, out):
+    """Paired differences, training seed by seed: a method's puzzle accuracy minus its
+    reference's at the same NFE, the reference's accuracy interpolated linearly in log2(NFE)
+    between its measured budgets (not extrapolated). The seeds' spread in model quality is shared
+    by both sides of a pair, so these differences are far less noisy than the methods' bands."""
+    import math
+
+    def curve(method, seed):
+        pts = sorted((r["nfe"], r["puzzle_accuracy"]) for r in rows
+                     if r["method"] == method and r["train_seed"] == seed)
+        return [(math.log2(n), a) for n, a in pts]
+
+    def interp(pts, x):
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+            if x0 - 1e-9 <= x <= x1 + 1e-9:
+                return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else y0
+        return None
+
+    lines = ["| method | T | NFE | reference (same seed, same NFE) | accuracy difference, points (mean ± sd) | "
+             "per seed | seeds better |", "|---|---:|---:|---|---:|---|---:|"]
+    seeds = sorted({r["train_seed"] for r in rows})
+    for method, reference in PAIRS:
+        for steps in sorted({r["steps"] for r in rows if r["method"] == method}):
+            diffs, nfes = [], []
+            for seed in seeds:
+                mine = [r for r in rows if r["method"] == method and r["train_seed"] == seed and r["steps"] == steps]
+                ref = curve(reference, seed)
+                if not mine or len(ref) < 1:
+                    continue
+                y = interp(ref, math.log2(mine[0]["nfe"])) if len(ref) > 1 else None
+                if y is None:
+                    continue
+                diffs.append(100 * (mine[0]["puzzle_accuracy"] - y))
+                nfes.append(mine[0]["nfe"])
+            if not diffs:
+                continue
+            sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+            lines.append(f"| {method} | {steps} | {statistics.mean(nfes):.1f} | {reference} | "
+                         f"{statistics.mean(diffs):+.1f} ± {sd:.1f} | {', '.join(f'{d:+.1f}' for d in diffs)} | "
+                         f"{sum(d > 0 for d in diffs)}/{len(diffs)} |")
+    with open(os.path.join(out, "paired.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
@@ -338,7 +412,7 @@ def plot(agg, out, title):
             if not pts:
                 continue
             x = [a["nfe"] for a in pts]
-            style = "--" if pts[0]["objective"] == "mdlm" else "-"
+            style = "--" if pts[0]["objective"].startswith("mdlm") else "-"
             line, = ax.plot(x, [a[k] for a in pts], style, marker="o", label=method, color=f"C{i}")
             ax.fill_between(x, [a[k + "_min"] for a in pts], [a[k + "_max"] for a in pts], alpha=0.15,
                             color=line.get_color())
@@ -355,9 +429,9 @@ def plot(agg, out, title):
 def training_table(args, cfg, out):
     """Per run: iterations, the last 20 iterations' mean MDM loss, denoiser accuracy on masked
     response tokens and (ProSeCo) SC loss, and the summed step time."""
-    lines = ["| objective | seed | iterations | MDM loss | denoiser accuracy (masked) | SC loss | training time (min) |",
+    lines = ["| run | seed | iterations | MDM loss | denoiser accuracy (masked) | SC loss | training time (min) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    for objective in ("mdlm", "proseco"):
+    for objective in ("mdlm", "mdlm2x", "mdlm_eps01", "proseco"):
         for seed in cfg["seeds"]:
             path = os.path.join(run_dir(args, objective, seed), "metrics.jsonl")
             if not os.path.exists(path):
@@ -375,7 +449,7 @@ def training_table(args, cfg, out):
 
 def report(args, cfg):
     rows = []
-    for objective in ("mdlm", "proseco"):
+    for objective in RUN_KINDS:
         for seed in cfg["seeds"]:
             p = os.path.join(args.out, f"rows_{objective}-seed{seed}.json")
             if os.path.exists(p):
@@ -390,13 +464,14 @@ def report(args, cfg):
                    "aggregate": agg}, f, indent=1)
     write_table(agg, args.out)
     write_claim(agg, args.out)
+    write_paired(rows, args.out)
     training_table(args, cfg, args.out)
     seeds = sorted({r["train_seed"] for r in rows})
     plot(agg, args.out, f"6x6 Sudoku, {cfg['blanks']} blanks, {rows[0]['num_puzzles']} held-out puzzles: "
                         f"mean over training seeds {seeds}, band = min-max")
-    for name in ("training.md", "table.md", "claim.md"):
+    for name in ("training.md", "table.md", "claim.md", "paired.md"):
         print(f"\n{name}\n" + open(os.path.join(args.out, name)).read())
-    log(f"results in {args.out}: rows.json results.json table.md claim.md training.md accuracy_vs_nfe.png")
+    log(f"results in {args.out}: rows.json results.json table.md claim.md paired.md training.md accuracy_vs_nfe.png")
 
 
 def main() -> int:
@@ -422,7 +497,8 @@ def main() -> int:
     suffix = "-quick" if args.quick else ""
     args.data_dir = args.data_dir or os.path.join("data_cache", "sudoku" + suffix)
     args.runs = args.runs or os.path.join("runs", "sudoku" + suffix)
-    args.out = args.out or (os.path.join(args.runs, "results") if args.quick else os.path.join("examples", "sudoku", "results"))
+    if not args.out:
+        args.out = os.path.join(args.runs, "results") if args.quick else os.path.join("examples", "sudoku", "results")
     args.passthrough = [a for a in sys.argv[1:] if a not in ("--report-only",)]
     os.chdir(ROOT)
 

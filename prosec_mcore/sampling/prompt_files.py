@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -80,6 +81,8 @@ def load_checker(path: str) -> Callable:
         raise UserInputError(f"--checker {path} not found: give a Python file defining check(response, record)")
     spec = importlib.util.spec_from_file_location("prosec_prompt_checker", path)
     module = importlib.util.module_from_spec(spec)
+    # registered before it runs, as an import would: a dataclass in the file looks its module up there
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     check = getattr(module, "check", None)
     if not callable(check):
