@@ -14,5 +14,9 @@ bash scripts/setup_env.sh
 .venv/bin/python -m pip install --quiet --no-deps nvidia-dali-cuda120==2.4.0
 gpu=(--ignore=tests/gpu)
 if .venv/bin/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then gpu=(); fi
-# --durations: the slowest tests are listed at the end of every run, to keep the suite within its budget.
-exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=25 tests "${gpu[@]}" "$@"
+# The slow tier (tests/conftest.py: SLOW_TIER, each covered in the default run by a cheaper test) is
+# deselected unless PROSEC_TESTS=all; `-m slow` runs it alone. --durations: the slowest tests are
+# listed at the end of every run, to keep the suite within its budget.
+tier=(-m "not slow")
+if [ "${PROSEC_TESTS:-}" = "all" ]; then tier=(); fi
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=25 "${tier[@]}" tests "${gpu[@]}" "$@"
