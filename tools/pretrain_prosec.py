@@ -67,6 +67,11 @@ def main(argv=None) -> int:
     try:
         trainer = Trainer(load_config(parse_args(argv)))
         trainer.train()
+        # Release the process groups before the interpreter exits: a group left to the exit-time
+        # destructors can abort a finished run (SIGABRT, "terminate called without an active exception").
+        from prosec_mcore.runtime import destroy_distributed
+
+        destroy_distributed()
     except ConfigError as err:  # bad input: one line, no traceback
         _report(err, every_rank_alike=True)
         return EXIT_BAD_INPUT

@@ -87,3 +87,9 @@ def _load_function(target: str):
 
 if __name__ == "__main__":
     _load_function(sys.argv[1])(*sys.argv[2:])
+    # Tear the process groups down before the interpreter exits: a gloo group left to the exit-time
+    # destructors can abort the process ("terminate called without an active exception", seen once
+    # in ~40 launches) after the work has succeeded.
+    from prosec_mcore.runtime import destroy_distributed
+
+    destroy_distributed()
