@@ -379,39 +379,25 @@ class ProSeCoStep:
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:  # only the last stage has values
             torch.distributed.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
         s = dict(zip(REPORT_KEYS, total.tolist()))
-        if self.opts.sft is not None:
-            return self._sft_metrics(s)
         tokens = max(s["tokens"], 1.0)
+        sft = self.opts.sft is not None
+        # The loss terms are divided as the loss is (SFT: u-weighted sums over the batch's examples,
+        # diffusion/sft.py), the fractions by the positions the loss counts (SFT: the response's).
+        per_loss = max(s["examples"], 1.0) if sft else tokens
+        per_position = max(s["counted"], 1.0) if sft else tokens
         metrics = {
-            "mdm_loss": s["mdm_sum"] / tokens,
-            "sc_loss": s["sc_sum"] / tokens,
-            "corrector_nll": s["sc_nll_sum"] / tokens,
-            "mask_fraction": s["masked"] / tokens,
+            "mdm_loss": s["mdm_sum"] / per_loss,
+            "sc_loss": s["sc_sum"] / per_loss,
+            "corrector_nll": s["sc_nll_sum"] / per_loss,
+            "mask_fraction": s["masked"] / per_position,
             "denoiser_accuracy": s["masked_correct"] / max(s["masked"], 1.0),
             "corrector_accuracy_on_errors": s["errors_fixed"] / max(s["errors"], 1.0),
-            "corrector_input_error_rate": s["errors"] / tokens,
+            "corrector_input_error_rate": s["errors"] / per_position,
             "tokens": s["tokens"],
         }
+        if sft:
+            metrics["response_fraction"] = s["counted"] / tokens  # the share of positions the loss counts
         if with_removed:
             metrics["removed_fraction"] = s["removed"] / tokens
-        metrics["loss"] = self.opts.lambda_mdm * metrics["mdm_loss"] + self.opts.lambda_sc * metrics["sc_loss"]
-        return metrics
-
-    def _sft_metrics(self, s: dict) -> dict:
-        """The global metrics of an SFT batch: the loss terms (and the corrector NLL) normalised as
-        the loss is (the u-weighted sums over the global batch's examples), the fractions per
-        counted response position; `response_fraction` is the share of positions the loss counts."""
-        examples, counted = max(s["examples"], 1.0), max(s["counted"], 1.0)
-        metrics = {
-            "mdm_loss": s["mdm_sum"] / examples,
-            "sc_loss": s["sc_sum"] / examples,
-            "corrector_nll": s["sc_nll_sum"] / examples,
-            "mask_fraction": s["masked"] / counted,
-            "denoiser_accuracy": s["masked_correct"] / max(s["masked"], 1.0),
-            "corrector_accuracy_on_errors": s["errors_fixed"] / max(s["errors"], 1.0),
-            "corrector_input_error_rate": s["errors"] / counted,
-            "response_fraction": s["counted"] / max(s["tokens"], 1.0),
-            "tokens": s["tokens"],
-        }
         metrics["loss"] = self.opts.lambda_mdm * metrics["mdm_loss"] + self.opts.lambda_sc * metrics["sc_loss"]
         return metrics
